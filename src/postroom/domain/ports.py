@@ -1,0 +1,173 @@
+"""The ports: what the worker and the doors need from a store and from a provider."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from postroom.domain.model import (
+    ClaimedMessage,
+    Event,
+    NewMessage,
+    Outcome,
+    Outgoing,
+    Receipt,
+    Status,
+)
+
+__all__ = [
+    "ApiKey",
+    "CapturedMail",
+    "EnqueueResult",
+    "Mailbox",
+    "MessageFilter",
+    "MessagePage",
+    "MessageRecord",
+    "Provider",
+    "Store",
+]
+
+
+@dataclass(slots=True)
+class EnqueueResult:
+    id: str
+    status: Status
+    created: bool = True  # False when an idempotency key returned an earlier message
+
+
+@dataclass(slots=True)
+class MessageRecord:
+    """A message as the API reports it."""
+
+    id: str
+    status: Status
+    priority: int
+    created_at: float
+    updated_at: float
+    next_at: float | None
+    attempts: int
+    content: dict[str, Any]  # Content.to_json()
+    source: str
+    provider: str | None = None
+    provider_message_id: str | None = None
+    last_code: int | None = None
+    last_text: str | None = None
+    sent_at: float | None = None
+    events: list[Event] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class MessageFilter:
+    status: Status | None = None
+    tag: str | None = None
+    to: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 50
+    cursor: str | None = None  # id of the last message of the previous page (pages go newest first)
+
+
+@dataclass(slots=True)
+class MessagePage:
+    items: list[MessageRecord]
+    next_cursor: str | None
+
+
+@dataclass(slots=True)
+class ApiKey:
+    id: str
+    name: str
+    prefix: str
+    created_at: float
+    role: str = "admin"
+    revoked: bool = False
+
+
+@dataclass(slots=True)
+class CapturedMail:
+    """A message the capture provider 'delivered' into the local inbox."""
+
+    id: str
+    message_id: str  # the Postroom message id
+    captured_at: float
+    mail_from: str
+    rcpt_to: list[str]
+    subject: str
+    mime: bytes
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """One way out. Raises TransientError / PermanentError / ProviderFault; knows nothing of the store."""
+
+    name: str
+    kind: str
+
+    async def send(self, message: Outgoing) -> Receipt: ...
+
+    async def close(self) -> None: ...
+
+
+class Mailbox(Protocol):
+    """Where the capture provider puts what it 'delivers'."""
+
+    async def capture(self, mails: Sequence[CapturedMail]) -> None: ...
+
+
+class Store(Protocol):
+    """The outbox: the database that is the queue. Batch in, batch out."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # -- the hot path -------------------------------------------------------------------------
+    async def enqueue(
+        self, messages: Sequence[NewMessage], *, key_id: str | None = None
+    ) -> list[EnqueueResult]:
+        """Store messages in one transaction. A reused idempotency key returns the earlier message
+        (created=False); with a different request hash it raises ConflictError for that item, which
+        the caller sees as the item's result (an exception instance in the list)."""
+        ...
+
+    async def claim(self, worker: str, limit: int, lease_s: float) -> list[ClaimedMessage]: ...
+
+    async def record(self, outcomes: Sequence[Outcome], *, worker: str) -> list[bool]:
+        """Record outcomes; each is applied only if its lease token still holds (fencing)."""
+        ...
+
+    async def extend_leases(
+        self, worker: str, claims: Sequence[tuple[str, int]], lease_s: float
+    ) -> int: ...
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        """Return when new work may be ready (notification) or after `timeout_s`."""
+        ...
+
+    # -- queries and actions for the doors --------------------------------------------------
+    async def get(self, message_id: str, *, with_events: bool = True) -> MessageRecord: ...
+
+    async def list(self, flt: MessageFilter) -> MessagePage: ...
+
+    async def cancel(self, message_id: str) -> MessageRecord: ...
+
+    async def retry_now(self, message_id: str) -> MessageRecord: ...
+
+    async def stats(self, now: float | None = None) -> dict[str, Any]: ...
+
+    # -- API keys ---------------------------------------------------------------------------
+    async def create_key(self, name: str, role: str = "admin") -> tuple[ApiKey, str]: ...
+
+    async def verify_key(self, secret: str) -> ApiKey | None: ...
+
+    async def list_keys(self) -> list[ApiKey]: ...
+
+    async def count_keys(self) -> int: ...
+
+    # -- the capture inbox ------------------------------------------------------------------
+    async def capture(self, mails: Sequence[CapturedMail]) -> None: ...
+
+    async def inbox(self, limit: int = 50, before: str | None = None) -> list[CapturedMail]: ...
+
+    async def inbox_get(self, capture_id: str) -> CapturedMail: ...
