@@ -181,6 +181,7 @@ class NewMessage:
     idempotency_key: str | None = None
     request_hash: str | None = None
     source: str = "api"
+    key_id: str | None = None  # the API key that submitted it (scopes the idempotency key)
 
 
 @dataclass(slots=True)

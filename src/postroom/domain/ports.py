@@ -171,3 +171,15 @@ class Store(Protocol):
     async def inbox(self, limit: int = 50, before: str | None = None) -> list[CapturedMail]: ...
 
     async def inbox_get(self, capture_id: str) -> CapturedMail: ...
+
+
+class Router(Protocol):
+    """Picks providers for a message and is the only place failover happens.
+
+    `send` returns the receipt of the provider that took the message, or raises the error that
+    decides the message's fate (TransientError / PermanentError). Every provider tried and why it
+    was left is appended to `trail` as timeline events."""
+
+    async def send(self, message: Outgoing, trail: list[Event]) -> Receipt: ...
+
+    async def close(self) -> None: ...

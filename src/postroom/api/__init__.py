@@ -1,0 +1,1 @@
+"""The HTTP door: FastAPI app factory, routes, request/response shapes, auth."""

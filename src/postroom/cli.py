@@ -1,0 +1,300 @@
+"""`postroom run | serve | worker | send | keys | migrate`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from postroom import __version__
+from postroom.config import Settings, load_settings
+from postroom.domain.errors import ConfigError, PostroomError
+
+log = logging.getLogger("postroom")
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    try:
+        return load_settings(ctx.obj.get("config"), **{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as e:
+        raise click.ClickException(f"configuration error: {e}") from None
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.group()
+@click.version_option(__version__, prog_name="postroom")
+@click.option("--config", "-c", type=click.Path(dir_okay=False), help="postroom.toml (default: ./postroom.toml or $POSTROOM_CONFIG)")
+@click.pass_context
+def main(ctx: click.Context, config: str | None) -> None:
+    """Postroom: a self-hosted email delivery service."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+async def _bootstrap_key(store: Any, url: str) -> None:
+    """On first start, make an admin key and show it once."""
+    if await store.count_keys() == 0:
+        _, secret = await store.create_key("admin")
+        click.echo(
+            "\n  First start: created an admin API key (shown only this once; store it safely):\n\n"
+            f"      {secret}\n\n"
+            "  Try it:\n"
+            f"      curl -H 'Authorization: Bearer {secret}' {url}/v1/stats\n"
+            "  Make more with: postroom keys create --name NAME\n",
+            err=True,
+        )
+
+
+def _serve(settings: Settings, *, with_worker: bool) -> None:
+    import uvicorn
+
+    from postroom.api.app import create_app
+    from postroom.app import build_router, build_store, build_worker
+
+    store = build_store(settings)
+    state: dict[str, Any] = {}
+
+    async def start_worker() -> None:
+        router = build_router(settings, store)
+        worker = build_worker(settings, store, router)
+        state["router"], state["worker"] = router, worker
+        state["task"] = asyncio.create_task(worker.run(), name="worker")
+        log.info("worker %s started (concurrency %d)", worker.name, worker.concurrency)
+
+    async def stop_worker() -> None:
+        if "worker" in state:
+            state["worker"].stop()
+            await state["task"]
+            await state["router"].close()
+
+    url = f"http://{settings.host}:{settings.port}"
+
+    async def startup() -> None:
+        await _bootstrap_key(store, url)
+        if with_worker:
+            await start_worker()
+        click.echo(f"  Postroom {__version__} on {url}  (API docs: {url}/docs, database: {settings.database_url})", err=True)
+
+    app = create_app(settings, store, on_startup=startup, on_shutdown=stop_worker if with_worker else None)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning" if settings.log_level == "info" else settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.worker.drain_timeout_s) + 5,
+    )
+    uvicorn.Server(config).run()
+
+
+@main.command()
+@click.option("--host", help="address to listen on (default 127.0.0.1, or $POSTROOM_HOST)")
+@click.option("--port", type=int, help="port (default 8080, or $POSTROOM_PORT)")
+@click.pass_context
+def run(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """API and worker in one process (the quick start)."""
+    settings = _settings(ctx, host=host, port=port)
+    _logging(settings)
+    _serve(settings, with_worker=True)
+
+
+@main.command()
+@click.option("--host")
+@click.option("--port", type=int)
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """The API alone (run workers with `postroom worker`)."""
+    settings = _settings(ctx, host=host, port=port)
+    _logging(settings)
+    _serve(settings, with_worker=False)
+
+
+async def _run_worker(settings: Settings, name: str | None) -> None:
+    from postroom.app import build_router, build_store, build_worker
+
+    store = build_store(settings)
+    await store.open()
+    router = build_router(settings, store)
+    worker = build_worker(settings, store, router, name=name)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    log.info("worker %s started (concurrency %d)", worker.name, worker.concurrency)
+    try:
+        await worker.run()
+    finally:
+        await router.close()
+        await store.close()
+        c = worker.counters
+        log.info("worker %s stopped: sent %d, failed %d, retried %d", worker.name, c.sent, c.failed, c.retried)
+
+
+@main.command()
+@click.option("--concurrency", type=int, help="sends in flight (default 64)")
+@click.option("--name", help="worker name (default host:pid)")
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int | None, name: str | None) -> None:
+    """Run a worker: claim queued messages and deliver them. SIGTERM drains."""
+    settings = _settings(ctx)
+    if concurrency:
+        settings.worker.concurrency = concurrency
+    _logging(settings)
+    _uvloop_run(_run_worker(settings, name))
+
+
+def _uvloop_run(coro: Any) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+
+
+@main.command()
+@click.option("--to", "to", multiple=True, required=True, help="recipient (repeat for more)")
+@click.option("--subject", "-s", default="", help="subject")
+@click.option("--text", help="plain text body ('-' reads standard input)")
+@click.option("--html", help="html body")
+@click.option("--from", "sender", default=None, help="sender (default: postroom@localhost)")
+@click.option("--cc", multiple=True)
+@click.option("--bcc", multiple=True)
+@click.option("--tag", "tags", multiple=True)
+@click.option("--send-at", help="ISO 8601 time for a scheduled send")
+@click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="normal")
+@click.option("--server", envvar="POSTROOM_URL", help="send through a running server, e.g. http://127.0.0.1:8080 (else straight into the database)")
+@click.option("--key", envvar="POSTROOM_API_KEY", help="API key for --server")
+@click.pass_context
+def send(ctx: click.Context, to: tuple[str, ...], subject: str, text: str | None, html: str | None, sender: str | None,
+         cc: tuple[str, ...], bcc: tuple[str, ...], tags: tuple[str, ...], send_at: str | None, priority: str,
+         server: str | None, key: str | None) -> None:
+    """Queue one message and print its id."""
+    if text == "-":
+        text = sys.stdin.read()
+    if text is None and html is None:
+        raise click.UsageError("give --text or --html")
+    body: dict[str, Any] = {"from": sender or "postroom@localhost", "to": list(to), "subject": subject, "priority": priority}
+    for k, v in (("text", text), ("html", html), ("send_at", send_at)):
+        if v is not None:
+            body[k] = v
+    for k, vs in (("cc", cc), ("bcc", bcc), ("tags", tags)):
+        if vs:
+            body[k] = list(vs)
+    if server:
+        import httpx
+
+        if not key:
+            raise click.UsageError("--server needs --key (or POSTROOM_API_KEY)")
+        try:
+            r = httpx.post(f"{server.rstrip('/')}/v1/messages", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        except httpx.HTTPError as e:
+            raise click.ClickException(f"cannot reach {server}: {e}") from None
+        if r.status_code >= 400:
+            err = r.json().get("error", {})
+            where = f" ({err['field']})" if err.get("field") else ""
+            raise click.ClickException(f"{r.status_code}: {err.get('message', r.text)}{where}")
+        click.echo(f"{r.json()['id']} {r.json()['status']}")
+        return
+
+    settings = _settings(ctx)
+
+    async def direct() -> None:
+        from postroom.app import build_store, limits_from
+        from postroom.domain.validate import validate_message
+
+        msg = validate_message(body, limits=limits_from(settings), source="cli")
+        store = build_store(settings)
+        await store.open()
+        try:
+            (res,) = await store.enqueue([msg])
+        finally:
+            await store.close()
+        click.echo(f"{res.id} {res.status.value}")
+
+    try:
+        asyncio.run(direct())
+    except PostroomError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys (stored only as hashes)."""
+
+
+def _with_store(ctx: click.Context, fn: Any) -> Any:
+    settings = _settings(ctx)
+
+    async def go() -> Any:
+        from postroom.app import build_store
+
+        store = build_store(settings)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(go())
+    except PostroomError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="what the key is for")
+@click.pass_context
+def keys_create(ctx: click.Context, name: str) -> None:
+    """Create a key and print it (the only time it is shown)."""
+    key, secret = _with_store(ctx, lambda s: s.create_key(name))
+    click.echo(secret)
+    click.echo(f"created key {key.id} ({name}); it is shown only now", err=True)
+
+
+@keys.command("list")
+@click.pass_context
+def keys_list(ctx: click.Context) -> None:
+    """List keys (id, prefix, name, state)."""
+    from postroom.api.views import iso
+
+    for k in _with_store(ctx, lambda s: s.list_keys()):
+        click.echo(f"{k.id}  {k.prefix}…  {k.name}  {iso(k.created_at)}  {'revoked' if k.revoked else 'active'}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.pass_context
+def keys_revoke(ctx: click.Context, key_id: str) -> None:
+    """Revoke a key by id."""
+    _with_store(ctx, lambda s: s.revoke_key(key_id))
+    click.echo(f"revoked {key_id}")
+
+
+@main.command()
+@click.pass_context
+def migrate(ctx: click.Context) -> None:
+    """Create or upgrade the database schema."""
+    settings = _settings(ctx)
+
+    async def go(store: Any) -> None:
+        return None  # opening the store applies the schema
+
+    _with_store(ctx, go)
+    click.echo(f"schema is up to date ({settings.database_url})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(KeyboardInterrupt):
+        main(prog_name=os.path.basename(sys.argv[0]))

@@ -1,0 +1,1 @@
+"""The outbox: tables, the Store implementations (SQLite, PostgreSQL), group commit, ids."""
