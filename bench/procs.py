@@ -1,0 +1,152 @@
+"""Child processes that are always stopped: own process group, bounded waits, cleanup at exit.
+
+Every server or worker a scenario starts goes through :class:`ProcessGroup`,
+which starts each child in a new session (so its own children share its
+process group) and on :meth:`ProcessGroup.stop_all` sends SIGTERM to each
+group, waits a bounded time, then SIGKILLs whatever is left. An ``atexit``
+hook stops anything still registered if the harness itself dies of an
+exception or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["ProcessGroup", "Proc", "stop_process_group"]
+
+_LIVE: weakref.WeakSet[ProcessGroup] = weakref.WeakSet()
+
+
+def stop_process_group(popen: subprocess.Popen[Any], grace_s: float = 5.0) -> int | None:
+    """SIGTERM the child's process group, wait up to ``grace_s``, then SIGKILL it. Returns the exit code."""
+    if popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(popen.pid, signal.SIGTERM)
+        try:
+            popen.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    # Grandchildren (a Celery worker's pool, say) may outlive the leader: kill the group regardless.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    try:
+        popen.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        return None
+    return popen.returncode
+
+
+class Proc:
+    """A started child: its Popen, its name and the file its output goes to."""
+
+    def __init__(self, name: str, popen: subprocess.Popen[Any], log_path: Path | None) -> None:
+        self.name = name
+        self.popen = popen
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n_chars: int = 2000) -> str:
+        """The end of the child's output, for error messages."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - n_chars))
+            return fh.read().decode("utf-8", "replace")
+
+    def wait(self, timeout_s: float) -> int:
+        """Wait for a normal exit; raise TimeoutError (after killing the group) if it takes longer."""
+        try:
+            return self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_process_group(self.popen)
+            raise TimeoutError(f"{self.name} did not finish within {timeout_s:.0f} s") from None
+
+
+class ProcessGroup:
+    """Owns the children started for one scenario run and stops them all, in reverse order."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[Proc] = []
+        _LIVE.add(self)
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | str | None = None,
+        stdout: IO[Any] | None = None,
+    ) -> Proc:
+        """Start ``argv`` in its own session; output goes to ``<log_dir>/<name>.log`` unless ``stdout`` is given."""
+        log_path: Path | None = None
+        if stdout is None:
+            log_path = self.log_dir / f"{name}.log"
+            out: IO[Any] = log_path.open("ab")
+        else:
+            out = stdout
+        full_env = dict(os.environ)
+        if env:
+            full_env.update(env)
+        try:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        finally:
+            if stdout is None:
+                out.close()  # the child has its own descriptor
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc, grace_s: float = 5.0) -> int | None:
+        code = stop_process_group(proc.popen, grace_s)
+        with contextlib.suppress(ValueError):
+            self.procs.remove(proc)
+        return code
+
+    def stop_all(self, grace_s: float = 5.0) -> None:
+        while self.procs:
+            self.stop(self.procs[-1], grace_s)
+
+
+def _stop_everything() -> None:
+    for group in list(_LIVE):
+        group.stop_all(grace_s=2.0)
+
+
+atexit.register(_stop_everything)
+
+
+def wait_until(predicate: Any, *, timeout_s: float, interval_s: float = 0.05, what: str = "condition") -> float:
+    """Poll ``predicate()`` until true; return the monotonic time it became true, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return time.monotonic()
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} not reached within {timeout_s:.0f} s")
+        time.sleep(interval_s)

@@ -1,0 +1,180 @@
+"""Runs registered scenarios: repeats, time bounds, cleanup, and median/min/max of every metric."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench.envinfo import environment
+from bench.procs import ProcessGroup
+from bench.registry import Context, Scenario
+
+__all__ = ["RunTimeout", "ScenarioResult", "run_scenario", "summarize"]
+
+
+class RunTimeout(TimeoutError):
+    """A run went past its scenario's time budget and was interrupted."""
+
+
+@dataclass
+class ScenarioResult:
+    """What the runner learnt about one scenario in this invocation."""
+
+    name: str
+    description: str
+    primary: str
+    messages: int
+    runs: int
+    status: str = "ok"  # "ok" or "failed"
+    error: str | None = None
+    values: dict[str, list[float]] = field(default_factory=dict)
+    info: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    kept_dirs: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        return {name: summarize(vals) for name, vals in self.values.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "error": self.error,
+            "description": self.description,
+            "primary": self.primary,
+            "messages": self.messages,
+            "runs": self.runs,
+            "runs_completed": max((len(v) for v in self.values.values()), default=0),
+            "metrics": self.metrics(),
+            "info": self.info,
+            "environment": self.environment,
+        }
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """Median, min and max of one metric over the runs (the raw values kept too)."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "values": list(values),
+    }
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Interrupt the block with RunTimeout after ``seconds`` (main thread only; SIGALRM)."""
+
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise RunTimeout(f"run exceeded its {seconds:.0f} s budget")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _log(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+def run_scenario(
+    sc: Scenario,
+    *,
+    runs: int,
+    messages: int | None,
+    quick: bool,
+    timeout_s: float | None = None,
+) -> ScenarioResult:
+    """Run ``sc`` ``runs`` times and summarise; a failure is recorded, not raised.
+
+    Each run gets a fresh work directory and process group; every process is
+    stopped after the run whatever happened. The first failing run ends the
+    scenario (its work directory is kept for the logs).
+    """
+    n = messages if messages is not None else (sc.quick_messages if quick else sc.messages)
+    budget_s = timeout_s if timeout_s is not None else sc.timeout_s
+    result = ScenarioResult(
+        name=sc.name,
+        description=sc.description,
+        primary=sc.primary,
+        messages=n,
+        runs=runs,
+        environment=environment(),
+    )
+    _log(f"{sc.name}: {runs} run(s) of {n:,} messages")
+    setup_dir = Path(tempfile.mkdtemp(prefix=f"postroom-bench-{sc.name}-setup-"))
+    setup_procs = ProcessGroup(setup_dir)
+    keep_setup = False
+    try:
+        with contextlib.ExitStack() as stack:
+            state: Any = None
+            if sc.setup is not None:
+                setup_ctx = Context(
+                    scenario=sc.name, messages=n, runs=runs, run=-1, quick=quick,
+                    work_dir=setup_dir, procs=setup_procs,
+                    deadline=time.monotonic() + budget_s, info=result.info,
+                )
+                with _time_limit(budget_s):
+                    state = stack.enter_context(sc.setup(setup_ctx))
+            for i in range(runs):
+                work_dir = Path(tempfile.mkdtemp(prefix=f"postroom-bench-{sc.name}-{i + 1}-"))
+                procs = ProcessGroup(work_dir)
+                ctx = Context(
+                    scenario=sc.name, messages=n, runs=runs, run=i, quick=quick,
+                    work_dir=work_dir, procs=procs, deadline=time.monotonic() + budget_s,
+                    state=state, info=result.info,
+                )
+                ok = False
+                try:
+                    with _time_limit(budget_s + 30):  # the scenario's own waits use the budget
+                        metrics = dict(sc.fn(ctx))
+                    ok = True
+                finally:
+                    procs.stop_all()
+                    if ok:
+                        shutil.rmtree(work_dir, ignore_errors=True)
+                    else:
+                        result.kept_dirs.append(str(work_dir))
+                _record(result, metrics)
+                _log(f"{sc.name} run {i + 1}/{runs}: " + _brief(metrics, sc.primary))
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        keep_setup = True
+        result.status = "failed"
+        result.error = f"{type(e).__name__}: {e}"
+        _log(f"{sc.name} FAILED: {result.error}")
+        traceback.print_exc(file=sys.stderr)
+        if result.kept_dirs:
+            _log(f"{sc.name}: logs kept in {', '.join(result.kept_dirs)}")
+    finally:
+        setup_procs.stop_all()
+        if keep_setup:
+            result.kept_dirs.append(str(setup_dir))
+        else:
+            shutil.rmtree(setup_dir, ignore_errors=True)
+    return result
+
+
+def _record(result: ScenarioResult, metrics: Mapping[str, float]) -> None:
+    for name, value in metrics.items():
+        result.values.setdefault(name, []).append(float(value))
+
+
+def _brief(metrics: Mapping[str, float], primary: str) -> str:
+    ordered = [primary, *(k for k in metrics if k != primary)]
+    return ", ".join(f"{k}={metrics[k]:,.1f}" for k in ordered if k in metrics)
