@@ -313,7 +313,7 @@ class SQLiteStore:
             )
             rows = conn.execute(
                 "SELECT id, status, lease_owner, content, attempts, lease_token, created_at, priority"
-                f" FROM messages WHERE id IN (SELECT id FROM ({sub}) LIMIT :n)",
+                f" FROM messages WHERE id IN (SELECT id FROM ({sub}) LIMIT :n) ORDER BY priority, next_at",
                 {"now": now, "n": limit},
             ).fetchall()
             if not rows:
