@@ -7,6 +7,8 @@
      ├── NotFound                 no such message / key / resource
      ├── ConfigError              settings that cannot work; names the setting and the fix
      ├── StoreUnavailable         the database is away (API answers 503)
+     ├── Deferred                 not now, and not a failure: a rate limit or a throttled domain says
+     │                            wait until `until`; the message goes back to the queue, no attempt counted
      └── ProviderError            raised by providers; `code` / `text` as the remote side said
           ├── TransientError      try again later (SMTP 4xx, timeouts, connection lost, HTTP 429/5xx)
           ├── PermanentError      this message will never go (SMTP 5xx for a recipient, HTTP 4xx)
@@ -20,6 +22,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "ConflictError",
+    "Deferred",
     "LimitExceeded",
     "NotFound",
     "PermanentError",
@@ -72,6 +75,16 @@ class ConfigError(PostroomError):
 
 class StoreUnavailable(PostroomError):
     """The database cannot be reached right now."""
+
+
+class Deferred(PostroomError):
+    """Raised by the router when every usable provider is over a limit: try again at `until`."""
+
+    def __init__(self, until: float, reason: str, *, provider: str | None = None) -> None:
+        super().__init__(reason)
+        self.until = until
+        self.reason = reason
+        self.provider = provider
 
 
 class ProviderError(PostroomError):

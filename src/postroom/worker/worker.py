@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from postroom.domain.batching import GroupCommit
-from postroom.domain.errors import PermanentError, ProviderError, TransientError
+from postroom.domain.errors import Deferred, PermanentError, ProviderError, TransientError
 from postroom.domain.model import ClaimedMessage, Event, Outcome, Outgoing, Status
 from postroom.domain.ports import Router, Store
 from postroom.domain.retry import RetryPolicy
@@ -33,6 +33,7 @@ class WorkerCounters:
     sent: int = 0
     failed: int = 0
     retried: int = 0
+    deferred: int = 0
     stale: int = 0
 
 
@@ -157,6 +158,11 @@ class Worker:
         out = Outgoing(m.id, m.content)
         try:
             receipt = await self.router.send(out, trail)
+        except Deferred as e:
+            # over a rate limit: back to the queue until `until`, and this claim is not an attempt
+            self.counters.deferred += 1
+            trail.append(Event(m.id, "deferred", worker=self.name, provider=e.provider, detail=e.reason))
+            return Outcome(m.id, m.lease_token, Status.QUEUED, next_at=e.until, events=trail)
         except PermanentError as e:
             self.counters.failed += 1
             trail.append(self._attempt_failed(m, e))
