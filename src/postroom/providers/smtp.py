@@ -1,0 +1,643 @@
+"""SMTP provider: a pooled asyncio SMTP client with RFC 2920 pipelining, STARTTLS and AUTH.
+
+Classification (the one place SMTP answers become Postroom errors):
+
+* before a transaction starts (connect, DNS, TLS, greeting not 220, EHLO/HELO refused, STARTTLS
+  missing, AUTH refused, a connection lost or a timeout during any of these) -> ProviderFault;
+* 421 at any point, and 530/534/535/538 (authentication required/failed) -> ProviderFault;
+* once MAIL FROM is written: a timeout or a lost connection -> TransientError (the message may be
+  retried; if the final reply was lost the receiver may have the message: at least once);
+* 4xx to MAIL / RCPT / DATA / end of data -> TransientError with code, text and the delay hint
+  ("try again in 5 minutes") as retry_after_s; 5xx -> PermanentError with code and text;
+* some recipients refused with 5xx, at least one accepted -> sent, the refusals noted in the
+  Receipt text. Any 4xx recipient aborts the whole transaction (TransientError) so that nobody
+  gets the message twice; 452 after an accepted recipient ("too many recipients") sends the rest in
+  a further transaction, as RFC 5321 4.5.3.1.10 asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from postroom.domain.errors import PermanentError, ProviderError, ProviderFault, TransientError
+from postroom.domain.model import Outgoing, Receipt
+
+__all__ = ["SMTPProvider"]
+
+
+def _dot_stuff(mime: bytes) -> bytes:
+    """The DATA payload: transparency dots (RFC 5321 4.5.2), a final CRLF and the end marker."""
+    if mime.startswith(b"."):
+        mime = b"." + mime
+    mime = mime.replace(b"\r\n.", b"\r\n..")
+    if not mime.endswith(b"\r\n"):
+        mime += b"\r\n"
+    return mime + b".\r\n"
+
+
+try:  # the shared implementation, once domain/mime.py provides it
+    from postroom.domain.mime import dot_stuff
+except ImportError:  # pragma: no cover - until then
+    dot_stuff = _dot_stuff  # type: ignore[assignment,unused-ignore]
+
+
+# Errors that mean the connection is unusable (OSError covers resets and ssl.SSLError).
+_CONNECTION_ERRORS = (OSError, EOFError, asyncio.LimitOverrunError, ValueError)
+
+_QUIT_TIMEOUT_S = 5.0
+_MIN_UPLOAD_BYTES_PER_S = 100_000  # the payload step gets timeout_s plus its size at this rate
+_AUTH_CODES = frozenset({530, 534, 535, 538})  # auth required / too weak / failed / needs TLS
+
+_QUEUED_AS = re.compile(rb"queued as\s+<?([\w.@:/+=-]+)>?|\bid=<?([\w.@:/+=-]+)>?", re.IGNORECASE)
+_RETRY_HINT = re.compile(
+    r"(?:try(?:\s+again)?|retry)\s+(?:again\s+)?(?:in|after)\s+(\d+(?:\.\d+)?)\s*"
+    r"(seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h)\b",
+    re.IGNORECASE,
+)
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def retry_after_hint(text: str) -> float | None:
+    """The delay a server asks for, in seconds ("try again in 5 minutes"), if the text has one."""
+    m = _RETRY_HINT.search(text)
+    if m is None:
+        return None
+    return float(m.group(1)) * _UNIT_S[m.group(2)[0].lower()]
+
+
+class _ProtocolError(ValueError):
+    """The server said something that is not an SMTP reply."""
+
+
+class _Stale(Exception):
+    """A reused session turned out to be closed by the server while it sat idle."""
+
+
+async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One reply: its code and its text (the lines of a multi-line reply joined by LF)."""
+    line = await reader.readuntil(b"\n")
+    code_b = line[:3]
+    if not code_b.isdigit():
+        raise _ProtocolError(f"not an SMTP reply: {line[:80]!r}")
+    if line[3:4] != b"-":
+        return int(code_b), line[4:].rstrip()
+    parts = [line[4:].rstrip()]
+    while True:
+        line = await reader.readuntil(b"\n")
+        if line[:3] != code_b:
+            raise _ProtocolError(f"inconsistent multi-line reply: {line[:80]!r}")
+        parts.append(line[4:].rstrip())
+        if line[3:4] != b"-":
+            return int(code_b), b"\n".join(parts)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace").replace("\n", " ")
+
+
+class _Session:
+    """One SMTP connection and what its server offers."""
+
+    __slots__ = (
+        "auth",
+        "eightbit",
+        "last_used_s",
+        "ok",
+        "pipelining",
+        "reader",
+        "size",
+        "smtputf8",
+        "stage",
+        "starttls",
+        "transactions",
+        "writer",
+    )
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.pipelining = False
+        self.size = 0  # 0: no limit announced
+        self.eightbit = False
+        self.smtputf8 = False
+        self.starttls = False
+        self.auth: list[str] = []
+        self.transactions = 0
+        self.last_used_s = time.monotonic()
+        self.ok = False  # True only between transactions, when the session is known to be clean
+        self.stage = "connect"
+
+    def parse_ehlo(self, text: bytes) -> None:
+        self.pipelining = self.eightbit = self.smtputf8 = self.starttls = False
+        self.size = 0
+        self.auth = []
+        for line in text.split(b"\n")[1:]:  # the first line is the server's greeting name
+            keyword, _, params = line.decode("ascii", "replace").strip().partition(" ")
+            keyword = keyword.upper()
+            if keyword == "PIPELINING":
+                self.pipelining = True
+            elif keyword == "SIZE":
+                self.size = int(params) if params.strip().isdigit() else 0
+            elif keyword == "8BITMIME":
+                self.eightbit = True
+            elif keyword == "SMTPUTF8":
+                self.smtputf8 = True
+            elif keyword == "STARTTLS":
+                self.starttls = True
+            elif keyword == "AUTH":
+                self.auth = params.upper().split()
+            elif keyword.startswith("AUTH=") and not self.auth:  # old Outlook/Exim style
+                self.auth = [keyword[5:], *params.upper().split()]
+
+    def abort(self) -> None:
+        self.ok = False
+        self.writer.transport.abort()
+
+
+class SMTPProvider:
+    """Delivers through one SMTP server (relay or smarthost) over a pool of persistent sessions.
+
+    Each `send` takes a session from the pool (opening one if fewer than `pool_size` are open),
+    runs one transaction -- pipelined when the server offers PIPELINING -- and puts the session
+    back. `timeout_s` bounds every network step (connect, TLS handshake, each reply).
+    """
+
+    kind = "smtp"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        host: str,
+        port: int = 25,
+        username: str | None = None,
+        password: str | None = None,
+        starttls: bool = False,
+        tls: bool = False,
+        verify_tls: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+        helo_name: str | None = None,
+        pool_size: int = 8,
+        timeout_s: float = 30.0,
+        max_messages_per_connection: int = 1000,
+        idle_timeout_s: float = 60.0,
+    ) -> None:
+        if starttls and tls:
+            raise ValueError("starttls and tls (implicit TLS) exclude each other")
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        if username is not None and password is None:
+            raise ValueError("username is set but password is not")
+        self.name = name
+        self.host = host
+        self.port = port
+        self.username = username
+        self.password = password
+        self.starttls = starttls
+        self.tls = tls
+        self.verify_tls = verify_tls
+        self.helo_name = helo_name
+        self.pool_size = pool_size
+        self.timeout_s = timeout_s
+        self.max_messages_per_connection = max(1, max_messages_per_connection)
+        self.idle_timeout_s = idle_timeout_s
+        self._ssl_context = ssl_context
+        self._slots = asyncio.Semaphore(pool_size)
+        self._idle: deque[_Session] = deque()  # the most recently used on the right
+        self._active = 0  # sends holding a slot
+        self._drained = asyncio.Event()
+        self._closing: set[asyncio.Task[None]] = set()  # sessions being QUIT in the background
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"SMTPProvider({self.name!r}, host={self.host!r}, port={self.port})"
+
+    # -- the Provider protocol ----------------------------------------------------------------
+
+    async def send(self, message: Outgoing) -> Receipt:
+        rcpts = message.rcpt_to
+        if not rcpts:
+            raise PermanentError("the message has no recipients", provider=self.name)
+        mime = message.mime
+        payload = dot_stuff(mime)
+        size = len(mime) if mime.endswith(b"\r\n") else len(mime) + 2  # RFC 1870: unstuffed
+        async with self._slots:
+            if self._closed:
+                raise ProviderFault("provider is closed", provider=self.name)
+            self._active += 1
+            try:
+                session = self._checkout()
+                if session is None:
+                    session = await self._connect()
+                try:
+                    return await self._deliver(session, message.mail_from, rcpts, payload, size)
+                except _Stale:
+                    # The server closed the idle session (its own timeout); nothing was taken.
+                    session.abort()
+                    session = await self._connect()
+                    return await self._deliver(session, message.mail_from, rcpts, payload, size)
+                finally:
+                    self._checkin(session)
+            finally:
+                self._active -= 1
+                if self._closed and not self._active:
+                    self._drained.set()
+
+    async def close(self) -> None:
+        """QUIT every session. Sends in flight finish first (bounded by their timeouts)."""
+        self._closed = True
+        while self._idle:
+            self._retire(self._idle.pop())
+        if self._active:
+            await self._drained.wait()
+        while self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # -- the pool -----------------------------------------------------------------------------
+
+    def _checkout(self) -> _Session | None:
+        idle = self._idle
+        if not idle:
+            return None
+        deadline = time.monotonic() - self.idle_timeout_s
+        while idle and idle[0].last_used_s < deadline:  # the least recently used first
+            self._retire(idle.popleft())
+        while idle:
+            session = idle.pop()
+            if not session.writer.transport.is_closing():
+                return session
+            session.abort()
+        return None
+
+    def _checkin(self, session: _Session) -> None:
+        if not session.ok:
+            session.abort()
+        elif self._closed or session.transactions >= self.max_messages_per_connection:
+            self._retire(session)
+        else:
+            session.last_used_s = time.monotonic()
+            self._idle.append(session)
+
+    def _retire(self, session: _Session) -> None:
+        task = asyncio.get_running_loop().create_task(self._quit(session))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _quit(self, session: _Session) -> None:
+        writer = session.writer
+        try:
+            async with asyncio.timeout(min(self.timeout_s, _QUIT_TIMEOUT_S)):
+                writer.write(b"QUIT\r\n")
+                await writer.drain()
+                await _read_reply(session.reader)
+                writer.close()
+                await writer.wait_closed()
+        except (TimeoutError, *_CONNECTION_ERRORS):
+            pass  # the session is going away either way
+        finally:
+            writer.transport.abort()
+
+    # -- opening a session --------------------------------------------------------------------
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            ctx = ssl.create_default_context()
+            if not self.verify_tls:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._ssl_context = ctx
+        return self._ssl_context
+
+    def _fault(self, text: str, code: int | None = None) -> ProviderFault:
+        return ProviderFault(f"{self.host}:{self.port}: {text}", code=code, provider=self.name)
+
+    async def _connect(self) -> _Session:
+        loop = asyncio.get_running_loop()
+        session: _Session | None = None
+        stage = "connect"
+        try:
+            async with asyncio.timeout(self.timeout_s) as t:
+                ctx = self._tls_context() if self.tls else None
+                reader, writer = await asyncio.open_connection(
+                    self.host,
+                    self.port,
+                    ssl=ctx,
+                    server_hostname=self.host if ctx else None,
+                    ssl_handshake_timeout=self.timeout_s if ctx else None,
+                )
+                session = _Session(reader, writer)
+                t.reschedule(loop.time() + self.timeout_s)
+                stage = "greeting"
+                code, text = await _read_reply(reader)
+                if code != 220:
+                    raise self._fault(f"greeting {code} {_text(text)}", code)
+                stage = "EHLO"
+                await self._ehlo(session, t)
+                if self.starttls:
+                    if not session.starttls:
+                        raise self._fault("the server does not offer STARTTLS")
+                    stage = "STARTTLS"
+                    code, text = await self._command(session, t, b"STARTTLS\r\n")
+                    if code != 220:
+                        raise self._fault(f"STARTTLS refused: {code} {_text(text)}", code)
+                    stage = "TLS handshake"
+                    t.reschedule(loop.time() + self.timeout_s)
+                    await writer.start_tls(
+                        self._tls_context(),
+                        server_hostname=self.host,
+                        ssl_handshake_timeout=self.timeout_s,
+                    )
+                    stage = "EHLO after STARTTLS"
+                    await self._ehlo(session, t)
+                if self.username is not None:
+                    stage = "AUTH"
+                    await self._auth(session, t)
+        except ProviderError:
+            if session is not None:
+                session.abort()
+            raise
+        except TimeoutError:
+            if session is not None:
+                session.abort()
+            raise self._fault(f"timed out ({self.timeout_s:g} s) at {stage}") from None
+        except _CONNECTION_ERRORS as e:
+            if session is not None:
+                session.abort()
+            raise self._fault(f"{stage} failed: {type(e).__name__}: {e}") from e
+        except BaseException:
+            if session is not None:
+                session.abort()
+            raise
+        session.ok = True
+        return session
+
+    def _ehlo_name(self, writer: asyncio.StreamWriter) -> bytes:
+        if self.helo_name is None:
+            name = socket.gethostname()
+            if "." not in name:  # not a domain: use the address literal (RFC 5321 4.1.4)
+                addr = writer.get_extra_info("sockname")[0]
+                name = f"[IPv6:{addr}]" if ":" in addr else f"[{addr}]"
+            self.helo_name = name
+        return self.helo_name.encode("idna" if not self.helo_name.isascii() else "ascii")
+
+    async def _ehlo(self, session: _Session, t: asyncio.Timeout) -> None:
+        name = self._ehlo_name(session.writer)
+        code, text = await self._command(session, t, b"EHLO " + name + b"\r\n")
+        if code == 250:
+            session.parse_ehlo(text)
+            return
+        if code == 421 or not 500 <= code < 600:
+            raise self._fault(f"EHLO refused: {code} {_text(text)}", code)
+        code, text = await self._command(session, t, b"HELO " + name + b"\r\n")
+        if code != 250:
+            raise self._fault(f"HELO refused: {code} {_text(text)}", code)
+        session.parse_ehlo(b"")
+
+    async def _auth(self, session: _Session, t: asyncio.Timeout) -> None:
+        assert self.username is not None and self.password is not None
+        user = self.username.encode()
+        password = self.password.encode()
+        if "PLAIN" in session.auth:
+            token = base64.b64encode(b"\0" + user + b"\0" + password)
+            code, text = await self._command(session, t, b"AUTH PLAIN " + token + b"\r\n")
+        elif "LOGIN" in session.auth:
+            code, text = await self._command(session, t, b"AUTH LOGIN\r\n")
+            if code == 334:
+                code, text = await self._command(session, t, base64.b64encode(user) + b"\r\n")
+            if code == 334:
+                code, text = await self._command(session, t, base64.b64encode(password) + b"\r\n")
+        elif session.auth:
+            raise self._fault(f"no AUTH mechanism we support (PLAIN, LOGIN): {session.auth}")
+        else:
+            hint = (
+                "" if self.tls or self.starttls else " (many servers offer it only after STARTTLS)"
+            )
+            raise self._fault(f"the server does not offer AUTH{hint}")
+        if code != 235:
+            raise self._fault(f"authentication failed: {code} {_text(text)}", code)
+
+    async def _command(
+        self, session: _Session, t: asyncio.Timeout, line: bytes
+    ) -> tuple[int, bytes]:
+        session.writer.write(line)
+        t.reschedule(asyncio.get_running_loop().time() + self.timeout_s)
+        return await _read_reply(session.reader)
+
+    # -- transactions -------------------------------------------------------------------------
+
+    async def _deliver(
+        self, session: _Session, mail_from: str, rcpts: Sequence[str], payload: bytes, size: int
+    ) -> Receipt:
+        """Run transactions until every recipient had its answer (more than one only after 452)."""
+        receipt: Receipt | None = None
+        notes: list[str] = []
+        pending: Sequence[str] = rcpts
+        while pending:
+            try:
+                code, text, refused, pending = await self._transaction(
+                    session, mail_from, pending, payload, size, reused=session.transactions > 0
+                )
+            except ProviderError as e:
+                if receipt is None:
+                    raise
+                # A later batch failed; the earlier ones went: report, do not resend to them.
+                notes.append(f"not sent to {len(pending)} recipient(s): {e}")
+                break
+            finally:
+                session.transactions += 1
+            notes.extend(refused)
+            if receipt is None:
+                m = _QUEUED_AS.search(text)
+                receipt = Receipt(
+                    self.name,
+                    code,
+                    _text(text),
+                    (m.group(1) or m.group(2)).decode("ascii", "replace") if m else None,
+                )
+        assert receipt is not None
+        if notes:
+            receipt.text += "; refused: " + "; ".join(notes)
+        return receipt
+
+    async def _transaction(
+        self,
+        session: _Session,
+        mail_from: str,
+        rcpts: Sequence[str],
+        payload: bytes,
+        size: int,
+        *,
+        reused: bool,
+    ) -> tuple[int, bytes, list[str], Sequence[str]]:
+        """One MAIL..DATA transaction. Returns the final reply, refusal notes and the recipients
+        to send in a next transaction (after 452 too many recipients)."""
+        loop = asyncio.get_running_loop()
+        reader = session.reader
+        writer = session.writer
+        step_s = self.timeout_s
+        session.ok = False  # until the transaction ends cleanly
+
+        params = b""
+        if session.size:
+            if size > session.size:
+                raise PermanentError(
+                    f"message size {size} exceeds the server limit {session.size}",
+                    code=552,
+                    provider=self.name,
+                )
+            params = b" SIZE=%d" % size
+        if session.eightbit and not payload.isascii():
+            params += b" BODY=8BITMIME"
+        if mail_from.isascii() and all(r.isascii() for r in rcpts):
+            enc_from = mail_from.encode()
+            enc_rcpts = [r.encode() for r in rcpts]
+        elif session.smtputf8:
+            params += b" SMTPUTF8"
+            enc_from = mail_from.encode()
+            enc_rcpts = [r.encode() for r in rcpts]
+        else:
+            raise PermanentError(
+                "non-ASCII addresses need SMTPUTF8, which the server does not offer",
+                provider=self.name,
+            )
+
+        pipelining = session.pipelining
+        mail_cmd = b"MAIL FROM:<%s>%s\r\n" % (enc_from, params)
+        rcpt_cmds = [b"RCPT TO:<%s>\r\n" % r for r in enc_rcpts]
+
+        accepted = 0
+        refused: list[tuple[str, int, bytes]] = []
+        deferred: list[tuple[str, int, bytes]] = []  # 4xx: aborts the transaction
+        too_many: list[str] = []  # 452 after an accepted recipient: next transaction
+        data_code = 0
+        data_text = b""
+        try:
+            async with asyncio.timeout(None) as t:
+                # MAIL FROM (and with PIPELINING: every RCPT TO and DATA in the same write)
+                session.stage = "MAIL FROM"
+                if pipelining:
+                    writer.write(b"".join((mail_cmd, *rcpt_cmds, b"DATA\r\n")))
+                else:
+                    writer.write(mail_cmd)
+                t.reschedule(loop.time() + step_s)
+                try:
+                    await writer.drain()
+                    mail_code, mail_text = await _read_reply(reader)
+                except _CONNECTION_ERRORS:
+                    if reused:
+                        raise _Stale from None
+                    raise
+                if mail_code == 421:
+                    if reused:
+                        raise _Stale
+                    raise self._error(421, mail_text, "MAIL FROM")
+
+                if pipelining or mail_code == 250:
+                    session.stage = "RCPT TO"
+                    for rcpt, cmd in zip(rcpts, rcpt_cmds, strict=True):
+                        if not pipelining:
+                            writer.write(cmd)
+                        t.reschedule(loop.time() + step_s)
+                        code, text = await _read_reply(reader)
+                        if code == 250 or code == 251:
+                            accepted += 1
+                        elif code == 421:
+                            raise self._error(421, text, "RCPT TO")
+                        elif code == 452 and accepted:
+                            too_many.append(rcpt)
+                        elif 400 <= code < 500:
+                            deferred.append((rcpt, code, text))
+                        else:
+                            refused.append((rcpt, code, text))
+
+                    if pipelining or (accepted and not deferred):
+                        session.stage = "DATA"
+                        if not pipelining:
+                            writer.write(b"DATA\r\n")
+                        t.reschedule(loop.time() + step_s)
+                        data_code, data_text = await _read_reply(reader)
+                        if data_code == 421:
+                            raise self._error(421, data_text, "DATA")
+
+                if mail_code != 250:
+                    err = self._error(mail_code, mail_text, "MAIL FROM")
+                elif deferred or not accepted:
+                    err = self._rcpt_error(deferred or refused)
+                elif data_code != 354:
+                    err = self._error(data_code, data_text, "DATA")
+                else:
+                    session.stage = "end of data"
+                    writer.write(payload)
+                    t.reschedule(loop.time() + step_s + len(payload) / _MIN_UPLOAD_BYTES_PER_S)
+                    await writer.drain()
+                    code, text = await _read_reply(reader)
+                    if code == 250:
+                        session.ok = True
+                        notes = [f"<{r}> {c} {_text(x)}" for r, c, x in refused]
+                        return code, text, notes, too_many
+                    err = self._error(code, text, "end of data")
+                    if code == 421:
+                        raise err
+                    data_code = 0  # the transaction is over on the server; RSET anyway
+
+                # The transaction failed: make the session clean again, or give it up.
+                if data_code == 354:
+                    # The server waits for content we will not send: only closing is safe.
+                    raise err
+                session.stage = "RSET"
+                t.reschedule(None)  # a lost RSET must not hide the error that matters
+        except ProviderError:
+            raise
+        except TimeoutError:
+            raise TransientError(
+                f"{self.host}:{self.port}: timed out ({step_s:g} s) waiting for the reply to "
+                f"{session.stage}",
+                provider=self.name,
+            ) from None
+        except _CONNECTION_ERRORS as e:
+            raise TransientError(
+                f"{self.host}:{self.port}: connection lost at {session.stage}: "
+                f"{type(e).__name__}: {e}",
+                provider=self.name,
+            ) from e
+        try:
+            async with asyncio.timeout(step_s):
+                writer.write(b"RSET\r\n")
+                code, _ = await _read_reply(reader)
+                session.ok = code == 250
+        except _CONNECTION_ERRORS:  # includes TimeoutError; the session is dropped (ok is False)
+            pass
+        raise err
+
+    def _error(self, code: int, raw: bytes, stage: str) -> ProviderError:
+        text = _text(raw)
+        if code == 421 or code in _AUTH_CODES:
+            return self._fault(f"{stage}: {code} {text}", code)
+        if 400 <= code < 500:
+            return TransientError(
+                text, code=code, retry_after_s=retry_after_hint(text), provider=self.name
+            )
+        if 500 <= code < 600:
+            return PermanentError(text, code=code, provider=self.name)
+        return TransientError(
+            f"unexpected reply to {stage}: {code} {text}", code=code, provider=self.name
+        )
+
+    def _rcpt_error(self, refusals: list[tuple[str, int, bytes]]) -> ProviderError:
+        """Every recipient refused (or one deferred): the first refusal decides the class."""
+        _, code, raw = refusals[0]
+        if len(refusals) == 1:
+            return self._error(code, raw, "RCPT TO")
+        text = "; ".join(f"<{r}> {c} {_text(x)}" for r, c, x in refusals)
+        if 400 <= code < 500:
+            return TransientError(
+                text, code=code, retry_after_s=retry_after_hint(text), provider=self.name
+            )
+        return PermanentError(text, code=code, provider=self.name)

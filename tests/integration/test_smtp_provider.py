@@ -1,0 +1,676 @@
+"""SMTPProvider against real SMTP servers: aiosmtpd per test, and scripted asyncio servers for faults."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+
+from postroom.domain.errors import PermanentError, ProviderFault, TransientError
+from postroom.domain.model import Address, Content, Outgoing
+from postroom.providers.smtp import SMTPProvider, retry_after_hint
+
+TIMEOUT_S = 0.5
+
+MIME = (
+    b"From: Sender <sender@example.test>\r\n"
+    b"To: rcpt@example.test\r\n"
+    b"Subject: dots and lines\r\n"
+    b"Message-ID: <m1@example.test>\r\n"
+    b"\r\n"
+    b".\r\n"
+    b"..\r\n"
+    b".leading dot\r\n"
+    b"a line\r\n"
+    b". \r\n"
+    b"last line\r\n"
+)
+
+
+def outgoing(
+    *rcpts: str, mime: bytes = MIME, sender: str = "sender@example.test", id: str = "m1"
+) -> Outgoing:
+    content = Content(
+        sender=Address(sender),
+        to=[Address(r) for r in rcpts or ("rcpt@example.test",)],
+        subject="dots and lines",
+        message_id=f"<{id}@example.test>",
+    )
+    return Outgoing(id, content, mime)
+
+
+# -- the servers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    peer: Any
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    mail_options: list[str]
+    authenticated: bool | None
+
+
+@dataclass
+class Recorder:
+    """An aiosmtpd handler that keeps what it receives and refuses chosen recipients."""
+
+    pipelining: bool = False
+    rcpt_replies: dict[str, str] = field(default_factory=dict)  # address -> reply
+    max_rcpts: int = 0  # 452 beyond this many recipients per transaction
+    messages: list[Received] = field(default_factory=list)
+
+    async def handle_EHLO(
+        self, server: Any, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
+
+    async def handle_RCPT(
+        self,
+        server: Any,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
+        if self.max_rcpts and len(envelope.rcpt_tos) >= self.max_rcpts:
+            return "452 4.5.3 Error: too many recipients"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        assert envelope.mail_from is not None
+        assert isinstance(envelope.original_content, bytes)
+        self.messages.append(
+            Received(
+                session.peer,
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                envelope.original_content,
+                list(envelope.mail_options),
+                session.authenticated,
+            )
+        )
+        return f"250 2.0.0 Ok: queued as Q{len(self.messages)}"
+
+    @property
+    def connections(self) -> int:
+        return len({m.peer for m in self.messages})
+
+
+class _Controller(Controller):
+    """aiosmtpd on 127.0.0.1 with an ephemeral port."""
+
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, hostname="127.0.0.1", port=0, server_hostname="mx.test", **kwargs)
+
+    async def _bind(self) -> asyncio.AbstractServer:
+        server = await self.loop.create_server(
+            self._factory_invoker, host=self.hostname, port=0, ssl=self.ssl_context
+        )
+        self.port = server.sockets[0].getsockname()[1]
+        return server
+
+    def _create_server(self) -> Awaitable[asyncio.AbstractServer]:
+        return self._bind()
+
+
+@pytest.fixture
+def smtpd() -> Iterator[Callable[..., _Controller]]:
+    started: list[_Controller] = []
+
+    def start(handler: Any, **kwargs: Any) -> _Controller:
+        controller = _Controller(handler, **kwargs)
+        controller.start()
+        started.append(controller)
+        return controller
+
+    yield start
+    for controller in started:
+        controller.stop()
+
+
+@pytest.fixture
+async def make_provider() -> AsyncIterator[Callable[..., SMTPProvider]]:
+    made: list[SMTPProvider] = []
+
+    def make(port: int, **kwargs: Any) -> SMTPProvider:
+        kwargs.setdefault("timeout_s", TIMEOUT_S * 4)
+        provider = SMTPProvider("relay", host="127.0.0.1", port=port, **kwargs)
+        made.append(provider)
+        return provider
+
+    yield make
+    for provider in made:
+        await provider.close()
+
+
+@pytest.fixture(autouse=True)
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    yield
+    await asyncio.sleep(0)
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    assert not left, f"tasks left running: {left}"
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost / 127.0.0.1."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout", str(key),
+            "-out", str(cert), "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def server_tls(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*tls_files)
+    return ctx
+
+
+@pytest.fixture
+def client_tls(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(tls_files[0]))
+
+
+HANG = object()  # read until the client goes away, never answer
+DROP = object()  # reset the connection instead of answering
+
+
+@dataclass
+class Script:
+    """What a scripted server answers; a reply is text (CRLF-separated lines), HANG or DROP."""
+
+    greeting: Any = "220 fake.test ESMTP"
+    replies: dict[str, Any] = field(default_factory=dict)
+    close_after: set[str] = field(default_factory=set)  # verbs after which the server hangs up
+    connections: int = 0
+    commands: list[str] = field(default_factory=list)
+    messages: list[bytes] = field(default_factory=list)
+
+    def reply(self, verb: str) -> Any:
+        defaults = {
+            "EHLO": "250-fake.test\r\n250-PIPELINING\r\n250 8BITMIME",
+            "HELO": "250 fake.test",
+            "MAIL": "250 2.1.0 Ok",
+            "RCPT": "250 2.1.5 Ok",
+            "DATA": "354 End data with <CR><LF>.<CR><LF>",
+            "END": "250 2.0.0 Ok: queued as ABC123",
+            "RSET": "250 2.0.0 Ok",
+            "QUIT": "221 2.0.0 Bye",
+        }
+        return self.replies.get(verb, defaults.get(verb, "502 5.5.2 Error: command not recognized"))
+
+
+@contextlib.asynccontextmanager
+async def scripted(script: Script) -> AsyncIterator[int]:
+    """A tiny SMTP server on the test's own loop, for faults aiosmtpd will not produce."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r: Any) -> bool:
+        if r is HANG:
+            await reader.read()
+            return False
+        if r is DROP:
+            writer.transport.abort()
+            return False
+        writer.write(r.encode() + b"\r\n")
+        await writer.drain()
+        return True
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        script.connections += 1
+        try:
+            if not await answer(reader, writer, script.greeting) or script.greeting[0] != "2":
+                return
+            while line := await reader.readline():
+                verb = line.split(b":")[0].split(b" ")[0].strip().upper().decode()
+                script.commands.append(verb)
+                r = script.reply(verb)
+                if not await answer(reader, writer, r) or verb == "QUIT":
+                    return
+                if verb in script.close_after:
+                    return
+                if verb == "DATA" and r.startswith("354"):
+                    data = []
+                    while (line := await reader.readline()) not in (b".\r\n", b""):
+                        data.append(line)
+                    script.messages.append(b"".join(data))
+                    script.commands.append("END")
+                    if not await answer(reader, writer, script.reply("END")):
+                        return
+                    if "END" in script.close_after:
+                        return
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+
+# -- delivery ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
+async def test_delivers_the_exact_mime_with_lone_dot_lines(
+    smtpd: Any, make_provider: Any, pipelining: bool
+) -> None:
+    handler = Recorder(pipelining=pipelining)
+    provider = make_provider(smtpd(handler).port)
+
+    receipt = await provider.send(outgoing("a@example.test", "b@example.test"))
+
+    assert receipt.provider == "relay"
+    assert receipt.code == 250
+    assert receipt.provider_message_id == "Q1"
+    assert "queued as Q1" in receipt.text
+    [got] = handler.messages
+    assert got.content == MIME
+    assert got.mail_from == "sender@example.test"
+    assert got.rcpt_tos == ["a@example.test", "b@example.test"]
+    assert got.mail_options == [f"SIZE={len(MIME)}"]
+
+
+async def test_a_message_without_final_crlf_or_starting_with_a_dot_arrives_intact(
+    smtpd: Any, make_provider: Any
+) -> None:
+    handler = Recorder(pipelining=True)
+    provider = make_provider(smtpd(handler).port)
+
+    await provider.send(outgoing(mime=b".odd start\r\nno final newline"))
+    await provider.send(outgoing(mime="Subject: ü\r\n\r\nnaïve\r\n".encode()))
+
+    assert [m.content for m in handler.messages] == [
+        b".odd start\r\nno final newline\r\n",
+        "Subject: ü\r\n\r\nnaïve\r\n".encode(),
+    ]
+    assert "BODY=8BITMIME" in handler.messages[1].mail_options
+
+
+async def test_concurrent_sends_share_a_small_pool_of_connections(
+    smtpd: Any, make_provider: Any
+) -> None:
+    handler = Recorder(pipelining=True)
+    provider = make_provider(smtpd(handler).port, pool_size=3)
+
+    receipts = await asyncio.gather(
+        *(provider.send(outgoing(f"r{i}@example.test", id=f"m{i}")) for i in range(60))
+    )
+
+    assert len(receipts) == 60 and all(r.code == 250 for r in receipts)
+    assert sorted(m.rcpt_tos[0] for m in handler.messages) == sorted(
+        f"r{i}@example.test" for i in range(60)
+    )
+    assert 1 <= handler.connections <= 3
+
+
+async def test_a_session_is_replaced_after_max_messages_and_after_idling(
+    smtpd: Any, make_provider: Any
+) -> None:
+    handler = Recorder(pipelining=True)
+    port = smtpd(handler).port
+    provider = make_provider(port, pool_size=1, max_messages_per_connection=4)
+    for _ in range(10):
+        await provider.send(outgoing())
+    assert handler.connections == 3  # 4 + 4 + 2
+
+    idler = make_provider(port, idle_timeout_s=0.05)
+    await idler.send(outgoing())
+    await asyncio.sleep(0.1)
+    await idler.send(outgoing())
+    assert len({m.peer for m in handler.messages[10:]}) == 2
+
+
+async def test_a_session_the_server_closed_while_idle_is_replaced_transparently(
+    make_provider: Any,
+) -> None:
+    script = Script(
+        replies={"END": "250 2.0.0 Ok: queued as ABC123\r\n421 4.4.2 fake.test timeout exceeded"},
+        close_after={"END"},
+    )
+    async with scripted(script) as port:
+        provider = make_provider(port)
+        await provider.send(outgoing())
+        await asyncio.sleep(0.05)
+        receipt = await provider.send(outgoing())
+        await provider.close()
+
+    assert receipt.provider_message_id == "ABC123"
+    assert script.connections == 2
+    assert len(script.messages) == 2
+
+
+async def test_multi_line_replies_are_joined_and_helo_is_used_when_ehlo_is_refused(
+    make_provider: Any,
+) -> None:
+    script = Script(
+        replies={
+            "EHLO": "502 5.5.2 Error: command not recognized",
+            "END": "250-2.0.0 accepted\r\n250 2.0.0 Ok: queued as 4F1A2B",
+        }
+    )
+    async with scripted(script) as port:
+        provider = make_provider(port)
+        receipt = await provider.send(outgoing())
+        await provider.close()
+
+    assert receipt.text == "2.0.0 accepted 2.0.0 Ok: queued as 4F1A2B"
+    assert receipt.provider_message_id == "4F1A2B"
+    assert script.commands[:5] == ["EHLO", "HELO", "MAIL", "RCPT", "DATA"]
+
+
+# -- recipients ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
+async def test_partial_refusal_sends_to_the_accepted_and_notes_the_refused(
+    smtpd: Any, make_provider: Any, pipelining: bool
+) -> None:
+    handler = Recorder(
+        pipelining=pipelining,
+        rcpt_replies={"bad@example.test": "550 5.1.1 <bad@example.test>: user unknown"},
+    )
+    provider = make_provider(smtpd(handler).port)
+
+    receipt = await provider.send(outgoing("good@example.test", "bad@example.test"))
+
+    assert receipt.code == 250
+    assert "refused: <bad@example.test> 550 5.1.1 <bad@example.test>: user unknown" in receipt.text
+    assert [m.rcpt_tos for m in handler.messages] == [["good@example.test"]]
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
+async def test_all_recipients_refused_with_550_is_permanent_and_the_session_is_kept(
+    smtpd: Any, make_provider: Any, pipelining: bool
+) -> None:
+    handler = Recorder(
+        pipelining=pipelining,
+        rcpt_replies={"bad@example.test": "550 5.1.1 <bad@example.test>: user unknown"},
+    )
+    provider = make_provider(smtpd(handler).port)
+
+    with pytest.raises(PermanentError) as info:
+        await provider.send(outgoing("bad@example.test"))
+    assert info.value.code == 550
+    assert info.value.text == "5.1.1 <bad@example.test>: user unknown"
+    assert info.value.provider == "relay"
+
+    await provider.send(outgoing("good@example.test"))  # after RSET, on the same session
+    assert handler.connections == 1
+    assert handler.messages[0].rcpt_tos == ["good@example.test"]
+
+
+@pytest.mark.parametrize("code", [450, 451])
+async def test_a_4xx_recipient_is_transient_with_its_code_and_delay_hint(
+    smtpd: Any, make_provider: Any, code: int
+) -> None:
+    handler = Recorder(
+        pipelining=True,
+        rcpt_replies={
+            "grey@example.test": f"{code} 4.7.1 Greylisted, please try again in 5 minutes"
+        },
+    )
+    provider = make_provider(smtpd(handler).port)
+
+    with pytest.raises(TransientError) as info:
+        await provider.send(outgoing("ok@example.test", "grey@example.test"))
+
+    assert type(info.value) is TransientError
+    assert info.value.code == code
+    assert "Greylisted" in info.value.text
+    assert info.value.retry_after_s == 300
+    assert handler.messages == []  # nobody got it: the retry will not duplicate
+
+
+async def test_452_too_many_recipients_sends_the_rest_in_another_transaction(
+    smtpd: Any, make_provider: Any
+) -> None:
+    handler = Recorder(pipelining=True, max_rcpts=2)
+    provider = make_provider(smtpd(handler).port)
+    rcpts = [f"r{i}@example.test" for i in range(5)]
+
+    receipt = await provider.send(outgoing(*rcpts))
+
+    assert receipt.provider_message_id == "Q1"
+    assert [m.rcpt_tos for m in handler.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
+    assert all(m.content == MIME for m in handler.messages)
+
+
+async def test_5xx_on_mail_from_is_permanent_and_5xx_on_data_end_too(make_provider: Any) -> None:
+    async with scripted(Script(replies={"MAIL": "553 5.7.1 sender not allowed"})) as port:
+        provider = make_provider(port)
+        with pytest.raises(PermanentError) as info:
+            await provider.send(outgoing())
+        await provider.close()
+    assert (info.value.code, info.value.text) == (553, "5.7.1 sender not allowed")
+
+    script = Script(replies={"END": "554 5.7.1 spam"})
+    async with scripted(script) as port:
+        provider = make_provider(port)
+        with pytest.raises(PermanentError) as info:
+            await provider.send(outgoing())
+        await provider.close()
+    assert (info.value.code, info.value.text) == (554, "5.7.1 spam")
+    assert script.commands[-2:] == ["RSET", "QUIT"]
+
+
+# -- faults --------------------------------------------------------------------------------------
+
+
+async def test_connection_refused_is_a_provider_fault(make_provider: Any) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    provider = make_provider(port)
+
+    with pytest.raises(ProviderFault, match="connect failed"):
+        await provider.send(outgoing())
+
+
+async def test_a_server_that_never_answers_fails_within_the_timeout(make_provider: Any) -> None:
+    with socket.socket() as s:  # the kernel accepts the connection; nobody ever answers
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        provider = make_provider(s.getsockname()[1], timeout_s=TIMEOUT_S)
+        started = time.monotonic()
+        with pytest.raises(ProviderFault, match=r"timed out .* at greeting"):
+            await provider.send(outgoing())
+        assert time.monotonic() - started < TIMEOUT_S + 0.4
+
+
+async def test_a_server_that_hangs_mid_transaction_gives_a_transient_error(
+    make_provider: Any,
+) -> None:
+    async with scripted(Script(replies={"RCPT": HANG})) as port:
+        provider = make_provider(port, timeout_s=TIMEOUT_S)
+        started = time.monotonic()
+        with pytest.raises(TransientError, match="timed out") as info:
+            await provider.send(outgoing())
+        assert time.monotonic() - started < TIMEOUT_S + 0.4
+        assert type(info.value) is TransientError
+        await provider.close()
+
+
+async def test_a_connection_lost_after_the_content_is_a_transient_error(
+    make_provider: Any,
+) -> None:
+    async with scripted(Script(replies={"END": DROP})) as port:
+        provider = make_provider(port)
+        with pytest.raises(TransientError, match="connection lost at end of data") as info:
+            await provider.send(outgoing())
+        assert type(info.value) is TransientError
+        await provider.close()
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        Script(greeting="421 4.3.2 fake.test too busy"),
+        Script(greeting="554 5.7.1 go away"),
+        Script(replies={"MAIL": "421 4.3.0 fake.test shutting down"}),
+        Script(replies={"RCPT": "421 4.3.0 fake.test shutting down"}),
+        Script(replies={"MAIL": "530 5.7.0 Authentication required"}),
+        Script(greeting=DROP),
+    ],
+    ids=["421-greeting", "554-greeting", "421-mail", "421-rcpt", "530-mail", "drop-greeting"],
+)
+async def test_provider_level_answers_are_provider_faults(
+    make_provider: Any, script: Script
+) -> None:
+    async with scripted(script) as port:
+        provider = make_provider(port)
+        with pytest.raises(ProviderFault):
+            await provider.send(outgoing())
+        await provider.close()
+
+
+async def test_a_missing_starttls_or_auth_is_a_provider_fault(make_provider: Any) -> None:
+    async with scripted(Script()) as port:
+        with pytest.raises(ProviderFault, match="does not offer STARTTLS"):
+            await make_provider(port, starttls=True).send(outgoing())
+        with pytest.raises(ProviderFault, match="does not offer AUTH"):
+            await make_provider(port, username="u", password="p").send(outgoing())
+
+
+# -- TLS and AUTH --------------------------------------------------------------------------------
+
+
+def authenticator(
+    server: Any, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+) -> AuthResult:
+    ok = isinstance(auth_data, LoginPassword) and auth_data == (b"user", "sécret".encode())
+    return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+async def test_auth_succeeds_with_plain_or_login(
+    smtpd: Any, make_provider: Any, mechanism: str
+) -> None:
+    handler = Recorder(pipelining=True)
+    exclude = ["PLAIN"] if mechanism == "LOGIN" else []
+    port = smtpd(
+        handler,
+        authenticator=authenticator,
+        auth_require_tls=False,
+        auth_exclude_mechanism=exclude,
+    ).port
+    provider = make_provider(port, username="user", password="sécret")
+
+    await provider.send(outgoing())
+
+    assert handler.messages[0].authenticated is True
+
+
+async def test_auth_failure_is_a_provider_fault(smtpd: Any, make_provider: Any) -> None:
+    port = smtpd(Recorder(), authenticator=authenticator, auth_require_tls=False).port
+    provider = make_provider(port, username="user", password="wrong")
+
+    with pytest.raises(ProviderFault, match="authentication failed: 535") as info:
+        await provider.send(outgoing())
+    assert info.value.code == 535
+
+
+async def test_starttls_then_auth_with_a_self_signed_certificate(
+    smtpd: Any, make_provider: Any, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    handler = Recorder(pipelining=True)
+    port = smtpd(
+        handler,
+        tls_context=server_tls,
+        require_starttls=True,
+        authenticator=authenticator,
+        auth_required=True,
+    ).port
+
+    trusting = make_provider(
+        port, starttls=True, ssl_context=client_tls, username="user", password="sécret"
+    )
+    await trusting.send(outgoing())
+    lax = make_provider(port, starttls=True, verify_tls=False, username="user", password="sécret")
+    await lax.send(outgoing())
+    strict = make_provider(port, starttls=True, username="user", password="sécret")
+    with pytest.raises(ProviderFault, match="TLS handshake failed"):
+        await strict.send(outgoing())
+
+    assert len(handler.messages) == 2
+    assert all(m.content == MIME and m.authenticated for m in handler.messages)
+
+
+async def test_implicit_tls(
+    smtpd: Any, make_provider: Any, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    handler = Recorder(pipelining=True)
+    port = smtpd(handler, ssl_context=server_tls).port
+
+    await make_provider(port, tls=True, ssl_context=client_tls).send(outgoing())
+    await make_provider(port, tls=True, verify_tls=False).send(outgoing())
+    with pytest.raises(ProviderFault, match="connect failed: SSLCertVerificationError"):
+        await make_provider(port, tls=True).send(outgoing())
+
+    assert [m.content for m in handler.messages] == [MIME, MIME]
+
+
+# -- small pieces --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("4.7.1 Greylisted, try again in 5 minutes", 300),
+        ("4.7.0 retry after 300 seconds", 300),
+        ("Please retry in 90s", 90),
+        ("try again in 1 hour", 3600),
+        ("4.2.2 mailbox full", None),
+        ("try again later", None),
+    ],
+)
+def test_retry_after_hint(text: str, seconds: float | None) -> None:
+    assert retry_after_hint(text) == seconds
+
+
+async def test_a_closed_provider_refuses_to_send(smtpd: Any, make_provider: Any) -> None:
+    provider = make_provider(smtpd(Recorder()).port)
+    await provider.send(outgoing())
+    await provider.close()
+    with pytest.raises(ProviderFault, match="closed"):
+        await provider.send(outgoing())
