@@ -32,6 +32,7 @@ class RecordingHandler:
     received: list[Received] = field(default_factory=list)
     rcpt_reply: str | None = None
     data_reply: str | None = None
+    data_delay_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
@@ -43,6 +44,8 @@ class RecordingHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.data_reply:
             return self.data_reply
+        if self.data_delay_s:
+            await asyncio.sleep(self.data_delay_s)
         with self.lock:
             self.received.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos), envelope.original_content or b""))
         return "250 2.0.0 Ok: queued as TEST"

@@ -75,9 +75,12 @@ def _serve(settings: Settings, *, with_worker: bool) -> None:
 
     async def stop_worker() -> None:
         if "worker" in state:
-            state["worker"].stop()
+            worker = state["worker"]
+            worker.stop()
             await state["task"]
             await state["router"].close()
+            c = worker.counters
+            log.info("worker %s stopped: sent %d, failed %d, retried %d", worker.name, c.sent, c.failed, c.retried)
 
     url = f"http://{settings.host}:{settings.port}"
 
