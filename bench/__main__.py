@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", type=int, default=None, help="message count for every selected scenario")
     p.add_argument("--quick", action="store_true", help="small counts for a smoke run (written to results/quick.json)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="time budget of one run in seconds")
+    p.add_argument(
+        "--quiet-wait", type=float, default=30.0, metavar="S",
+        help="before each run, wait up to S seconds for the machine to be <25%% busy (default 30; 0: don't)",
+    )
     p.add_argument("--output", type=Path, default=None, help="results file (default bench/results/latest.json)")
     return p
 
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(
             run_scenario(
                 SCENARIOS[name], runs=args.runs, messages=args.messages, quick=args.quick,
-                timeout_s=args.timeout,
+                timeout_s=args.timeout, quiet_wait_s=args.quiet_wait,
             )
         )
         report.merge_and_write(output, results)  # after each scenario: a later crash keeps it

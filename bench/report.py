@@ -113,9 +113,8 @@ def markdown_table(
                 rows.append(f"| {name} | pending | | | |" + " |" * len(REFERENCES))
             continue
         if entry.get("status") != "ok":
-            rows.append(
-                f"| {name} | **failed**: {entry.get('error', '')[:120]} | | | |" + " |" * len(REFERENCES)
-            )
+            error = " ".join(str(entry.get("error", "")).split()).replace("|", "/")[:160]
+            rows.append(f"| {name} | **failed**: {error} | | | |" + " |" * len(REFERENCES))
             continue
         primary = entry["primary"]
         metrics = entry["metrics"]
@@ -141,5 +140,5 @@ def markdown_table(
             rows.append("| " + " | ".join(cells) + " |")
     table = "\n".join(rows)
     if stale:
-        table += "\n\n† reference scenario taken from an earlier run (see bench/results/latest.json)."
+        table += "\n\n† reference scenario not re-run in this invocation: its figure is from an earlier run in the same results file."
     return table

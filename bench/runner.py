@@ -42,6 +42,7 @@ class ScenarioResult:
     info: dict[str, str] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     kept_dirs: list[str] = field(default_factory=list)
+    busy_before_pct: list[float] = field(default_factory=list)
 
     def metrics(self) -> dict[str, dict[str, Any]]:
         return {name: summarize(vals) for name, vals in self.values.items()}
@@ -57,7 +58,7 @@ class ScenarioResult:
             "runs_completed": max((len(v) for v in self.values.values()), default=0),
             "metrics": self.metrics(),
             "info": self.info,
-            "environment": self.environment,
+            "environment": {**self.environment, "cpu_busy_before_each_run_pct": self.busy_before_pct},
         }
 
 
@@ -87,6 +88,35 @@ def _time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def cpu_busy_pct(sample_s: float = 1.0) -> float:
+    """Share of all CPUs busy over ``sample_s`` (from /proc/stat), 0-100: how loaded the machine is."""
+
+    def snap() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    total0, idle0 = snap()
+    time.sleep(sample_s)
+    total1, idle1 = snap()
+    total = total1 - total0
+    return 100.0 * (total - (idle1 - idle0)) / total if total > 0 else 0.0
+
+
+def wait_for_quiet(max_wait_s: float, busy_below_pct: float = 25.0) -> float:
+    """Wait (at most ``max_wait_s``) until other work leaves the CPUs mostly idle; return the last busy %.
+
+    Other engineers' tests share this machine; starting a run in a quiet moment
+    removes much of the noise. The busy % is recorded with each run either way.
+    """
+    deadline = time.monotonic() + max_wait_s
+    busy = cpu_busy_pct()
+    while busy >= busy_below_pct and time.monotonic() < deadline:
+        busy = cpu_busy_pct()
+    return busy
+
+
 def _log(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
@@ -98,6 +128,7 @@ def run_scenario(
     messages: int | None,
     quick: bool,
     timeout_s: float | None = None,
+    quiet_wait_s: float = 0.0,
 ) -> ScenarioResult:
     """Run ``sc`` ``runs`` times and summarise; a failure is recorded, not raised.
 
@@ -131,6 +162,8 @@ def run_scenario(
                 with _time_limit(budget_s):
                     state = stack.enter_context(sc.setup(setup_ctx))
             for i in range(runs):
+                busy = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else cpu_busy_pct(0.5)
+                result.busy_before_pct.append(round(busy, 1))
                 work_dir = Path(tempfile.mkdtemp(prefix=f"postroom-bench-{sc.name}-{i + 1}-"))
                 procs = ProcessGroup(work_dir)
                 ctx = Context(
@@ -150,7 +183,10 @@ def run_scenario(
                     else:
                         result.kept_dirs.append(str(work_dir))
                 _record(result, metrics)
-                _log(f"{sc.name} run {i + 1}/{runs}: " + _brief(metrics, sc.primary))
+                _log(
+                    f"{sc.name} run {i + 1}/{runs} (machine {busy:.0f}% busy before): "
+                    + _brief(metrics, sc.primary)
+                )
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
