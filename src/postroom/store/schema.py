@@ -25,7 +25,6 @@ messages = sa.Table(
     sa.Column("lease_owner", sa.String(128), nullable=True),
     sa.Column("lease_token", sa.Integer, nullable=False, server_default="0"),
     sa.Column("source", sa.String(32), nullable=False, server_default="api"),
-    sa.Column("content", sa.Text, nullable=False),  # Content.to_json(), as JSON text
     sa.Column("rcpt", sa.Text, nullable=False),  # ",a@x,b@y," lowercased, for the `to` filter
     sa.Column("tags", sa.Text, nullable=True),  # ",t1,t2," for the `tag` filter
     sa.Column("key_id", sa.String(32), nullable=True),
@@ -54,6 +53,16 @@ sa.Index(
     unique=True,
     sqlite_where=messages.c.idempotency_key.isnot(None),
     postgresql_where=messages.c.idempotency_key.isnot(None),
+)
+
+# The message itself (Content.to_json() as JSON text) lives apart from its status row: a status
+# change then rewrites a ~200-byte row, not the whole message (9x faster updates on SQLite, which
+# rewrites every overflow page of a record on any update; narrower tuples on PostgreSQL too).
+message_content = sa.Table(
+    "message_content",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),  # = messages.id
+    sa.Column("content", sa.Text, nullable=False),
 )
 
 events = sa.Table(
@@ -95,9 +104,36 @@ captured = sa.Table(
     sa.Column("mime", sa.LargeBinary, nullable=False),
 )
 
+# Routing state shared by worker processes when there is no Redis: rate-limit slots (`rl:<key>` ->
+# the GCRA theoretical arrival time), domain throttles and router snapshots (JSON). A few hundred
+# rows at most; rows past `expires_at` are dead and purged on writes. See Store.state_update.
+routing_state = sa.Table(
+    "routing_state",
+    metadata,
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=True),
+)
+
 meta = sa.Table(
     "postroom_meta",
     metadata,
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
+)
+
+# The worker registry: one row per running worker process, refreshed by its heartbeat. A row whose
+# heartbeat is stale belongs to a dead (or paused) worker: its leases are released early.
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("concurrency", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("in_flight", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("sent", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("failed", sa.BigInteger, nullable=False, server_default="0"),
 )

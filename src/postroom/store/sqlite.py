@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
-import sqlalchemy as sa
 
 from postroom.domain.errors import ConflictError, NotFound, StoreUnavailable
 from postroom.domain.model import (
@@ -34,8 +33,8 @@ from postroom.domain.ports import (
     MessageFilter,
     MessagePage,
     MessageRecord,
+    WorkerInfo,
 )
-from postroom.store import schema
 from postroom.domain.ids import new_id
 
 __all__ = ["SQLiteStore", "hash_secret"]
@@ -43,9 +42,10 @@ __all__ = ["SQLiteStore", "hash_secret"]
 T = TypeVar("T")
 
 _MSG_COLS = (
-    "id, status, priority, next_at, created_at, updated_at, attempts, source, content, "
-    "provider, provider_message_id, last_code, last_text, sent_at"
+    "m.id, m.status, m.priority, m.next_at, m.created_at, m.updated_at, m.attempts, m.source,"
+    " c.content, m.provider, m.provider_message_id, m.last_code, m.last_text, m.sent_at"
 )
+_MSG_FROM = "messages m JOIN message_content c ON c.id = m.id"
 _EVENT_SQL = (
     "INSERT INTO events (message_id, at, type, worker, provider, code, detail) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -99,10 +99,16 @@ def insert_rows(
 
 
 _INSERT_SQL = (
-    "INSERT INTO messages (id, status, priority, next_at, created_at, updated_at, source, content,"
+    "INSERT INTO messages (id, status, priority, next_at, created_at, updated_at, source,"
     " rcpt, tags, key_id, idempotency_key, request_hash, accepted_status)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_CONTENT_SQL = "INSERT INTO message_content (id, content) VALUES (?, ?)"
+
+
+def _split(row: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[str, str]]:
+    """An insert_rows() tuple -> (the messages row, the message_content row)."""
+    return row[:7] + row[8:], (row[0], row[7])
 
 
 def _record(row: sqlite3.Row | tuple[Any, ...]) -> MessageRecord:
@@ -141,6 +147,7 @@ class SQLiteStore:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
         self._wconn: sqlite3.Connection | None = None
+        self._sync_level = synchronous
         self._rconn: sqlite3.Connection | None = None
         self._work = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,12 +162,21 @@ class SQLiteStore:
         conn.execute("PRAGMA cache_size=-65536")
         return conn
 
-    async def _w(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _w(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+        """Run `fn` in one write transaction on the writer thread.
+
+        `durable` transactions (accepting messages: a 2xx means on disk) are fsynced with the
+        configured `synchronous` level; status updates use NORMAL in WAL mode, which survives a
+        process crash and at worst replays a send after a power loss (delivery is at least once)."""
         assert self._wconn is not None, "store is not open"
         conn = self._wconn
+        level = self.synchronous if durable or self.synchronous == "OFF" else "NORMAL"
 
         def run() -> T:
             try:
+                if self._sync_level != level:
+                    conn.execute(f"PRAGMA synchronous={level}")
+                    self._sync_level = level
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     result = fn(conn)
@@ -197,17 +213,11 @@ class SQLiteStore:
         self._rconn = await loop.run_in_executor(self._reader, self._connect)
 
     def _migrate(self) -> None:
-        engine = sa.create_engine("sqlite://", creator=lambda: self._connect_plain())
-        with engine.begin() as conn:
-            schema.metadata.create_all(conn)
-            conn.execute(
-                sa.text(
-                    "INSERT INTO postroom_meta (key, value) VALUES ('schema_version', :v) "
-                    "ON CONFLICT(key) DO NOTHING"
-                ),
-                {"v": schema.SCHEMA_VERSION},
-            )
-        engine.dispose()
+        """A new file gets the schema at the head revision; an older file must be migrated first
+        (`postroom migrate`): SchemaOutOfDate otherwise."""
+        from postroom.store.migrations import ensure_sqlite
+
+        ensure_sqlite(self.path)
 
     def _connect_plain(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30)
@@ -266,7 +276,8 @@ class SQLiteStore:
             results: list[EnqueueResult | ConflictError] = []
             plain = [r for r in rows if r[11] is None]
             if len(plain) == len(rows):
-                conn.executemany(_INSERT_SQL, rows)
+                conn.executemany(_INSERT_SQL, [r[:7] + r[8:] for r in rows])
+                conn.executemany(_INSERT_CONTENT_SQL, [(r[0], r[7]) for r in rows])
                 results = [EnqueueResult(r[0], Status(r[1])) for r in rows]
                 events = [(r[0], now, r[1], None, None, None, None) for r in rows]
             else:
@@ -292,13 +303,15 @@ class SQLiteStore:
                                     EnqueueResult(existing[0], Status(existing[2]), created=False)
                                 )
                             continue
-                    conn.execute(_INSERT_SQL, r)
+                    head, body = _split(r)
+                    conn.execute(_INSERT_SQL, head)
+                    conn.execute(_INSERT_CONTENT_SQL, body)
                     results.append(EnqueueResult(r[0], Status(r[1])))
                     events.append((r[0], now, r[1], None, None, None, None))
             conn.executemany(_EVENT_SQL, events)
             return results
 
-        results = await self._w(tx)
+        results = await self._w(tx, durable=True)
         self._notify()
         return results
 
@@ -312,8 +325,9 @@ class SQLiteStore:
                 for p in (0, 1, 2)
             )
             rows = conn.execute(
-                "SELECT id, status, lease_owner, content, attempts, lease_token, created_at, priority"
-                f" FROM messages WHERE id IN (SELECT id FROM ({sub}) LIMIT :n) ORDER BY priority, next_at",
+                "SELECT m.id, m.status, m.lease_owner, c.content, m.attempts, m.lease_token,"
+                f" m.created_at, m.priority FROM {_MSG_FROM}"
+                f" WHERE m.id IN (SELECT id FROM ({sub}) LIMIT :n) ORDER BY m.priority, m.next_at",
                 {"now": now, "n": limit},
             ).fetchall()
             if not rows:
@@ -426,7 +440,7 @@ class SQLiteStore:
     async def get(self, message_id: str, *, with_events: bool = True) -> MessageRecord:
         def q(conn: sqlite3.Connection) -> MessageRecord:
             row = conn.execute(
-                f"SELECT {_MSG_COLS} FROM messages WHERE id = ?", (message_id,)
+                f"SELECT {_MSG_COLS} FROM {_MSG_FROM} WHERE m.id = ?", (message_id,)
             ).fetchone()
             if row is None:
                 raise NotFound(f"message {message_id!r}")
@@ -447,27 +461,27 @@ class SQLiteStore:
     async def list(self, flt: MessageFilter) -> MessagePage:
         where, params = [], []
         if flt.status is not None:
-            where.append("status = ?")
+            where.append("m.status = ?")
             params.append(flt.status.value)
         if flt.tag:
-            where.append("tags LIKE ?")
+            where.append("m.tags LIKE ?")
             params.append(f"%,{flt.tag},%")
         if flt.to:
-            where.append("rcpt LIKE ?")
+            where.append("m.rcpt LIKE ?")
             params.append(f"%,{flt.to.lower()},%" if "@" in flt.to else f"%{flt.to.lower()}%")
         if flt.since is not None:
-            where.append("created_at >= ?")
+            where.append("m.created_at >= ?")
             params.append(flt.since)
         if flt.until is not None:
-            where.append("created_at < ?")
+            where.append("m.created_at < ?")
             params.append(flt.until)
         if flt.cursor:
-            where.append("id < ?")
+            where.append("m.id < ?")
             params.append(flt.cursor)
-        sql = f"SELECT {_MSG_COLS} FROM messages"
+        sql = f"SELECT {_MSG_COLS} FROM {_MSG_FROM}"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
+        sql += " ORDER BY m.id DESC LIMIT ?"
         params.append(flt.limit + 1)
 
         def q(conn: sqlite3.Connection) -> MessagePage:
@@ -551,6 +565,53 @@ class SQLiteStore:
                 + by_status["sending"],
                 "due_now": due,
                 **recent,
+            }
+
+        return await self._r(q)
+
+    # -- routing state ----------------------------------------------------------------------
+    async def state_update(
+        self,
+        keys: Sequence[str],
+        fn: Callable[[dict[str, str]], tuple[dict[str, tuple[str, float | None]], T]],
+    ) -> T:
+        def tx(conn: sqlite3.Connection) -> T:
+            now = time.time()
+            rows: dict[str, str] = {}
+            if keys:
+                marks = ",".join("?" * len(keys))
+                rows = {
+                    k: v
+                    for k, v, exp in conn.execute(
+                        f"SELECT key, value, expires_at FROM routing_state WHERE key IN ({marks})",
+                        list(keys),
+                    )
+                    if exp is None or exp > now
+                }
+            writes, result = fn(rows)
+            if writes:
+                conn.executemany(
+                    "INSERT INTO routing_state (key, value, expires_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value,"
+                    " expires_at = excluded.expires_at",
+                    [(k, v, exp) for k, (v, exp) in writes.items()],
+                )
+                if any(exp is not None for _, exp in writes.values()):
+                    conn.execute("DELETE FROM routing_state WHERE expires_at < ?", (now,))
+            return result
+
+        return await self._w(tx)
+
+    async def state_scan(self, prefix: str) -> dict[str, str]:
+        def q(conn: sqlite3.Connection) -> dict[str, str]:
+            now = time.time()
+            return {
+                k: v
+                for k, v, exp in conn.execute(
+                    "SELECT key, value, expires_at FROM routing_state WHERE key >= ? AND key < ?",
+                    (prefix, prefix + "\uffff"),
+                )
+                if exp is None or exp > now
             }
 
         return await self._r(q)
@@ -655,3 +716,67 @@ class SQLiteStore:
             return CapturedMail(r[0], r[1], r[2], r[3], orjson.loads(r[4]), r[5], bytes(r[6]))
 
         return await self._r(q)
+
+    # -- the worker registry ----------------------------------------------------------------
+    async def heartbeat(self, info: WorkerInfo) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO workers (name, host, pid, started_at, heartbeat_at, concurrency,"
+                " in_flight, sent, failed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
+                " started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at,"
+                " concurrency = excluded.concurrency, in_flight = excluded.in_flight,"
+                " sent = excluded.sent, failed = excluded.failed",
+                (
+                    info.name,
+                    info.host,
+                    info.pid,
+                    info.started_at,
+                    time.time(),
+                    info.concurrency,
+                    info.in_flight,
+                    info.sent,
+                    info.failed,
+                ),
+            )
+
+        await self._w(tx)
+
+    async def remove_worker(self, name: str) -> None:
+        await self._w(lambda c: c.execute("DELETE FROM workers WHERE name = ?", (name,)))
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        def q(conn: sqlite3.Connection) -> list[WorkerInfo]:
+            return [
+                WorkerInfo(*r)
+                for r in conn.execute(
+                    "SELECT name, host, pid, started_at, heartbeat_at, concurrency, in_flight,"
+                    " sent, failed FROM workers ORDER BY started_at, name"
+                )
+            ]
+
+        return await self._r(q)
+
+    async def release_stale(self, stale_after_s: float) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            gone = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT name FROM workers WHERE heartbeat_at < ?", (now - stale_after_s,)
+                )
+            ]
+            if not gone:
+                return 0
+            marks = ", ".join("?" * len(gone))
+            conn.execute(f"DELETE FROM workers WHERE name IN ({marks})", gone)
+            return conn.execute(
+                "UPDATE messages SET next_at = ? WHERE status = 'sending' AND next_at > ?"
+                f" AND lease_owner IN ({marks})",
+                (now, now, *gone),
+            ).rowcount
+
+        n = await self._w(tx)
+        if n:
+            self._notify()
+        return n
