@@ -205,8 +205,15 @@ DROP = object()  # reset the connection instead of answering
 
 
 @dataclass
+class Slow:
+    text: str
+    delay_s: float
+
+
+@dataclass
 class Script:
-    """What a scripted server answers; a reply is text (CRLF-separated lines), HANG or DROP."""
+    """What a scripted server answers: text (CRLF-separated lines), HANG, DROP, Slow(text, delay_s)
+    or a function returning one of these."""
 
     greeting: Any = "220 fake.test ESMTP"
     replies: dict[str, Any] = field(default_factory=dict)
@@ -226,7 +233,8 @@ class Script:
             "RSET": "250 2.0.0 Ok",
             "QUIT": "221 2.0.0 Bye",
         }
-        return self.replies.get(verb, defaults.get(verb, "502 5.5.2 Error: command not recognized"))
+        r = self.replies.get(verb, defaults.get(verb, "502 5.5.2 Error: command not recognized"))
+        return r() if callable(r) else r
 
 
 @contextlib.asynccontextmanager
@@ -241,6 +249,9 @@ async def scripted(script: Script) -> AsyncIterator[int]:
         if r is DROP:
             writer.transport.abort()
             return False
+        if isinstance(r, Slow):
+            await asyncio.sleep(r.delay_s)
+            r = r.text
         writer.write(r.encode() + b"\r\n")
         await writer.drain()
         return True
@@ -494,6 +505,40 @@ async def test_5xx_on_mail_from_is_permanent_and_5xx_on_data_end_too(make_provid
     assert script.commands[-2:] == ["RSET", "QUIT"]
 
 
+async def test_non_ascii_addresses_use_smtputf8_or_fail_permanently(
+    smtpd: Any, make_provider: Any
+) -> None:
+    handler = Recorder(pipelining=True)
+    provider = make_provider(smtpd(handler).port)
+    await provider.send(outgoing("jürgen@exämple.test"))
+    assert handler.messages[0].rcpt_tos == ["jürgen@exämple.test"]
+    assert "SMTPUTF8" in handler.messages[0].mail_options
+
+    async with scripted(Script()) as port:  # no SMTPUTF8 offered
+        provider = make_provider(port)
+        with pytest.raises(PermanentError, match="SMTPUTF8"):
+            await provider.send(outgoing("jürgen@exämple.test"))
+        await provider.close()
+
+
+async def test_a_message_over_the_announced_size_or_with_a_broken_address_is_permanent(
+    smtpd: Any, make_provider: Any
+) -> None:
+    handler = Recorder(pipelining=True)
+    provider = make_provider(smtpd(handler, data_size_limit=100).port)
+
+    with pytest.raises(PermanentError, match="exceeds the server limit 100") as info:
+        await provider.send(outgoing())
+    assert info.value.code == 552
+    short = b"Subject: short\r\n\r\nhi\r\n"
+    with pytest.raises(PermanentError, match="line break"):
+        await provider.send(outgoing("a@example.test>\r\nRCPT TO:<b@example.test", mime=short))
+    await provider.send(outgoing(mime=short))
+
+    assert handler.connections == 1
+    assert [m.rcpt_tos for m in handler.messages] == [["rcpt@example.test"]]
+
+
 # -- faults --------------------------------------------------------------------------------------
 
 
@@ -570,6 +615,39 @@ async def test_a_missing_starttls_or_auth_is_a_provider_fault(make_provider: Any
             await make_provider(port, starttls=True).send(outgoing())
         with pytest.raises(ProviderFault, match="does not offer AUTH"):
             await make_provider(port, username="u", password="p").send(outgoing())
+
+
+async def test_a_cancelled_send_drops_its_session_and_close_leaves_nothing_behind(
+    make_provider: Any,
+) -> None:
+    answers = iter([HANG])
+    hang_once = Script(replies={"RCPT": lambda: next(answers, "250 2.1.5 Ok")})
+    async with scripted(hang_once) as port:
+        provider = make_provider(port, timeout_s=30)
+        task = asyncio.create_task(provider.send(outgoing()))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        receipt = await provider.send(outgoing())
+        await provider.close()
+
+    assert receipt.code == 250
+    assert hang_once.connections == 2
+
+
+async def test_close_waits_for_sends_in_flight(make_provider: Any) -> None:
+    slow = Script(replies={"END": Slow("250 2.0.0 Ok", 0.2)})
+    async with scripted(slow) as port:
+        provider = make_provider(port)
+        sends = [asyncio.create_task(provider.send(outgoing())) for _ in range(4)]
+        await asyncio.sleep(0.1)
+        await provider.close()
+        assert all(s.done() for s in sends)
+        receipts = await asyncio.gather(*sends)
+
+    assert [r.code for r in receipts] == [250] * 4
+    assert slow.commands.count("QUIT") == slow.connections
 
 
 # -- TLS and AUTH --------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from postroom.domain.errors import PermanentError, ProviderError, ProviderFault, TransientError
 from postroom.domain.model import Outgoing, Receipt
@@ -100,6 +101,44 @@ async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace").replace("\n", " ")
+
+
+class _StepTimeout:
+    """`async with _StepTimeout(step_s) as timer`: a timeout for each step of an exchange, where a
+    step only moves `timer.deadline` (cheap) instead of rescheduling a timer per reply; the one
+    timer, when it fires before a moved deadline, re-arms itself for it. Expiry is
+    asyncio.timeout's: the task is cancelled and TimeoutError raised at the end of the block."""
+
+    __slots__ = ("_handle", "_loop", "_step_s", "_timeout", "deadline")
+
+    def __init__(self, step_s: float) -> None:
+        self._step_s = step_s
+        self._timeout = asyncio.timeout(None)
+        self._loop = asyncio.get_running_loop()
+        self.deadline = self._loop.time() + step_s
+
+    def step(self) -> None:
+        """Start a new step: it has the full `step_s` from now."""
+        self.deadline = self._loop.time() + self._step_s
+
+    async def __aenter__(self) -> _StepTimeout:
+        await self._timeout.__aenter__()
+        self._handle = self._loop.call_at(self.deadline, self._check)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._handle.cancel()
+        await self._timeout.__aexit__(*exc)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if now < self.deadline:
+            self._handle = self._loop.call_at(self.deadline, self._check)
+        else:
+            self._timeout.reschedule(now)
+
+    def disarm(self) -> None:
+        self._handle.cancel()
 
 
 class _Session:
@@ -319,11 +358,10 @@ class SMTPProvider:
         return ProviderFault(f"{self.host}:{self.port}: {text}", code=code, provider=self.name)
 
     async def _connect(self) -> _Session:
-        loop = asyncio.get_running_loop()
         session: _Session | None = None
         stage = "connect"
         try:
-            async with asyncio.timeout(self.timeout_s) as t:
+            async with _StepTimeout(self.timeout_s) as timer:
                 ctx = self._tls_context() if self.tls else None
                 reader, writer = await asyncio.open_connection(
                     self.host,
@@ -333,32 +371,32 @@ class SMTPProvider:
                     ssl_handshake_timeout=self.timeout_s if ctx else None,
                 )
                 session = _Session(reader, writer)
-                t.reschedule(loop.time() + self.timeout_s)
+                timer.step()
                 stage = "greeting"
                 code, text = await _read_reply(reader)
                 if code != 220:
                     raise self._fault(f"greeting {code} {_text(text)}", code)
                 stage = "EHLO"
-                await self._ehlo(session, t)
+                await self._ehlo(session, timer)
                 if self.starttls:
                     if not session.starttls:
                         raise self._fault("the server does not offer STARTTLS")
                     stage = "STARTTLS"
-                    code, text = await self._command(session, t, b"STARTTLS\r\n")
+                    code, text = await self._command(session, timer, b"STARTTLS\r\n")
                     if code != 220:
                         raise self._fault(f"STARTTLS refused: {code} {_text(text)}", code)
                     stage = "TLS handshake"
-                    t.reschedule(loop.time() + self.timeout_s)
+                    timer.step()
                     await writer.start_tls(
                         self._tls_context(),
                         server_hostname=self.host,
                         ssl_handshake_timeout=self.timeout_s,
                     )
                     stage = "EHLO after STARTTLS"
-                    await self._ehlo(session, t)
+                    await self._ehlo(session, timer)
                 if self.username is not None:
                     stage = "AUTH"
-                    await self._auth(session, t)
+                    await self._auth(session, timer)
         except ProviderError:
             if session is not None:
                 session.abort()
@@ -387,32 +425,34 @@ class SMTPProvider:
             self.helo_name = name
         return self.helo_name.encode("idna" if not self.helo_name.isascii() else "ascii")
 
-    async def _ehlo(self, session: _Session, t: asyncio.Timeout) -> None:
+    async def _ehlo(self, session: _Session, timer: _StepTimeout) -> None:
         name = self._ehlo_name(session.writer)
-        code, text = await self._command(session, t, b"EHLO " + name + b"\r\n")
+        code, text = await self._command(session, timer, b"EHLO " + name + b"\r\n")
         if code == 250:
             session.parse_ehlo(text)
             return
         if code == 421 or not 500 <= code < 600:
             raise self._fault(f"EHLO refused: {code} {_text(text)}", code)
-        code, text = await self._command(session, t, b"HELO " + name + b"\r\n")
+        code, text = await self._command(session, timer, b"HELO " + name + b"\r\n")
         if code != 250:
             raise self._fault(f"HELO refused: {code} {_text(text)}", code)
         session.parse_ehlo(b"")
 
-    async def _auth(self, session: _Session, t: asyncio.Timeout) -> None:
+    async def _auth(self, session: _Session, timer: _StepTimeout) -> None:
         assert self.username is not None and self.password is not None
         user = self.username.encode()
         password = self.password.encode()
         if "PLAIN" in session.auth:
             token = base64.b64encode(b"\0" + user + b"\0" + password)
-            code, text = await self._command(session, t, b"AUTH PLAIN " + token + b"\r\n")
+            code, text = await self._command(session, timer, b"AUTH PLAIN " + token + b"\r\n")
         elif "LOGIN" in session.auth:
-            code, text = await self._command(session, t, b"AUTH LOGIN\r\n")
+            code, text = await self._command(session, timer, b"AUTH LOGIN\r\n")
             if code == 334:
-                code, text = await self._command(session, t, base64.b64encode(user) + b"\r\n")
+                code, text = await self._command(session, timer, base64.b64encode(user) + b"\r\n")
             if code == 334:
-                code, text = await self._command(session, t, base64.b64encode(password) + b"\r\n")
+                code, text = await self._command(
+                    session, timer, base64.b64encode(password) + b"\r\n"
+                )
         elif session.auth:
             raise self._fault(f"no AUTH mechanism we support (PLAIN, LOGIN): {session.auth}")
         else:
@@ -424,10 +464,10 @@ class SMTPProvider:
             raise self._fault(f"authentication failed: {code} {_text(text)}", code)
 
     async def _command(
-        self, session: _Session, t: asyncio.Timeout, line: bytes
+        self, session: _Session, timer: _StepTimeout, line: bytes
     ) -> tuple[int, bytes]:
         session.writer.write(line)
-        t.reschedule(asyncio.get_running_loop().time() + self.timeout_s)
+        timer.step()
         return await _read_reply(session.reader)
 
     # -- transactions -------------------------------------------------------------------------
@@ -442,7 +482,13 @@ class SMTPProvider:
         while pending:
             try:
                 code, text, refused, pending = await self._transaction(
-                    session, mail_from, pending, payload, size, reused=session.transactions > 0
+                    session,
+                    mail_from,
+                    pending,
+                    payload,
+                    size,
+                    # a stale session may be replaced, but never after a batch went out
+                    reused=receipt is None and session.transactions > 0,
                 )
             except ProviderError as e:
                 if receipt is None:
@@ -478,11 +524,9 @@ class SMTPProvider:
     ) -> tuple[int, bytes, list[str], Sequence[str]]:
         """One MAIL..DATA transaction. Returns the final reply, refusal notes and the recipients
         to send in a next transaction (after 452 too many recipients)."""
-        loop = asyncio.get_running_loop()
         reader = session.reader
         writer = session.writer
         step_s = self.timeout_s
-        session.ok = False  # until the transaction ends cleanly
 
         params = b""
         if session.size:
@@ -511,6 +555,11 @@ class SMTPProvider:
         pipelining = session.pipelining
         mail_cmd = b"MAIL FROM:<%s>%s\r\n" % (enc_from, params)
         rcpt_cmds = [b"RCPT TO:<%s>\r\n" % r for r in enc_rcpts]
+        group = b"".join((mail_cmd, *rcpt_cmds, b"DATA\r\n"))
+        lines = len(rcpt_cmds) + 2
+        if group.count(b"\n") != lines or group.count(b"\r") != lines:  # no command injection
+            raise PermanentError("an envelope address contains a line break", provider=self.name)
+        session.ok = False  # until the transaction ends cleanly
 
         accepted = 0
         refused: list[tuple[str, int, bytes]] = []
@@ -519,16 +568,14 @@ class SMTPProvider:
         data_code = 0
         data_text = b""
         try:
-            async with asyncio.timeout(None) as t:
+            async with _StepTimeout(step_s) as timer:
                 # MAIL FROM (and with PIPELINING: every RCPT TO and DATA in the same write)
                 session.stage = "MAIL FROM"
                 if pipelining:
-                    writer.write(b"".join((mail_cmd, *rcpt_cmds, b"DATA\r\n")))
+                    writer.write(group)
                 else:
                     writer.write(mail_cmd)
-                t.reschedule(loop.time() + step_s)
                 try:
-                    await writer.drain()
                     mail_code, mail_text = await _read_reply(reader)
                 except _CONNECTION_ERRORS:
                     if reused:
@@ -544,7 +591,7 @@ class SMTPProvider:
                     for rcpt, cmd in zip(rcpts, rcpt_cmds, strict=True):
                         if not pipelining:
                             writer.write(cmd)
-                        t.reschedule(loop.time() + step_s)
+                        timer.step()
                         code, text = await _read_reply(reader)
                         if code == 250 or code == 251:
                             accepted += 1
@@ -561,7 +608,7 @@ class SMTPProvider:
                         session.stage = "DATA"
                         if not pipelining:
                             writer.write(b"DATA\r\n")
-                        t.reschedule(loop.time() + step_s)
+                        timer.step()
                         data_code, data_text = await _read_reply(reader)
                         if data_code == 421:
                             raise self._error(421, data_text, "DATA")
@@ -575,8 +622,9 @@ class SMTPProvider:
                 else:
                     session.stage = "end of data"
                     writer.write(payload)
-                    t.reschedule(loop.time() + step_s + len(payload) / _MIN_UPLOAD_BYTES_PER_S)
+                    timer.deadline += len(payload) / _MIN_UPLOAD_BYTES_PER_S
                     await writer.drain()
+                    timer.step()
                     code, text = await _read_reply(reader)
                     if code == 250:
                         session.ok = True
@@ -592,7 +640,7 @@ class SMTPProvider:
                     # The server waits for content we will not send: only closing is safe.
                     raise err
                 session.stage = "RSET"
-                t.reschedule(None)  # a lost RSET must not hide the error that matters
+                timer.disarm()  # a lost RSET must not hide the error that matters
         except ProviderError:
             raise
         except TimeoutError:

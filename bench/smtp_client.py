@@ -1,0 +1,163 @@
+"""SMTPProvider alone against Postfix ``smtp-sink``: messages per second, MIME built beforehand.
+
+    .venv/bin/python -m bench.smtp_client                       # 20,000 x ~2 KB, 16 connections
+    .venv/bin/python -m bench.smtp_client --loop uvloop --runs 3
+    .venv/bin/python -m bench.smtp_client --sink-args=-p        # a sink without PIPELINING
+    .venv/bin/python -m bench.smtp_client --reference           # smtp-source (C) into the same sink
+
+Starts ``/usr/sbin/smtp-sink -u nobody 127.0.0.1:<free port> 1024`` (or uses ``--port``), sends
+every message through one SMTPProvider with ``--connections`` pooled sessions and as many sender
+tasks, and checks that every send came back with a 250 receipt. The time covers the sends only
+(sessions are opened inside the timed part, as in a worker's first batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from email.header import Header
+from email.utils import formataddr, formatdate, parseaddr
+from pathlib import Path
+
+from bench.messages import envelope, iter_messages
+from bench.procs import ProcessGroup
+from bench.sink import SINK_BACKLOG, SMTP_SINK, SMTP_SOURCE, ensure_postfix_tools, free_port
+from postroom.domain.model import Address, Content, Outgoing
+from postroom.providers.smtp import SMTPProvider
+
+
+def _header(value: str) -> str:
+    return value if value.isascii() else Header(value, "utf-8").encode()
+
+
+def build(n: int) -> list[Outgoing]:
+    """The bench messages as ready-made MIME (a string template; not part of the timing)."""
+    date = formatdate(localtime=False)
+    out = []
+    for i, m in enumerate(iter_messages(n)):
+        sender, rcpts = envelope(m)
+        to_name, to_addr = parseaddr(m["to"][0])
+        from_name, _ = parseaddr(m["from"])
+        mid = f"<bench-{i}@example.com>"
+        mime = (
+            f"From: {formataddr((from_name, sender))}\r\n"
+            f"To: {formataddr((to_name, to_addr))}\r\n"
+            f"Subject: {_header(m['subject'])}\r\n"
+            f"Date: {date}\r\nMessage-ID: {mid}\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+            + m["text"].replace("\n", "\r\n")
+        ).encode()
+        content = Content(
+            sender=Address(sender),
+            to=[Address(a) for a in rcpts],
+            subject=m["subject"],
+            message_id=mid,
+        )
+        out.append(Outgoing(str(i), content, mime))
+    return out
+
+
+async def run_once(messages: list[Outgoing], port: int, connections: int) -> float:
+    provider = SMTPProvider(
+        "bench", host="127.0.0.1", port=port, pool_size=connections, helo_name="bench.example"
+    )
+    it: Iterator[Outgoing] = iter(messages)
+    ok = 0
+
+    async def sender() -> None:
+        nonlocal ok
+        for m in it:
+            receipt = await provider.send(m)
+            ok += receipt.code == 250
+
+    try:
+        started = time.perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(connections):
+                tg.create_task(sender())
+        elapsed = time.perf_counter() - started
+    finally:
+        await provider.close()
+    if ok != len(messages):
+        raise RuntimeError(f"only {ok} of {len(messages)} sends got a 250 receipt")
+    return elapsed
+
+
+def wait_accepting(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+                if s.recv(64).startswith(b"220"):
+                    return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"smtp-sink not accepting on 127.0.0.1:{port}")
+
+
+def reference(port: int, n: int, sessions: int) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        [SMTP_SOURCE, "-s", str(sessions), "-m", str(n), "-l", "2000", "-d", f"127.0.0.1:{port}"],
+        check=True,
+    )
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("-n", "--messages", type=int, default=20_000)
+    ap.add_argument("-c", "--connections", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    ap.add_argument(
+        "--port", type=int, default=0, help="use a running sink instead of starting one"
+    )
+    ap.add_argument(
+        "--sink-args", default="", help="extra smtp-sink flags, e.g. -p (no PIPELINING)"
+    )
+    ap.add_argument("--reference", action="store_true", help="also time smtp-source into the sink")
+    args = ap.parse_args()
+
+    messages = build(args.messages)
+    size = statistics.mean(len(m.mime) for m in messages)
+    print(f"{len(messages)} messages, {size:.0f} bytes on average, {args.connections} connections")
+
+    with tempfile.TemporaryDirectory(prefix="smtp-client-bench-") as tmp:
+        procs = ProcessGroup(Path(tmp))
+        try:
+            port = args.port
+            if not port:
+                ensure_postfix_tools()
+                port = free_port()
+                argv = [SMTP_SINK, "-u", "nobody", *args.sink_args.split()]
+                procs.start("smtp-sink", [*argv, f"127.0.0.1:{port}", str(SINK_BACKLOG)])
+                wait_accepting(port)
+            if args.reference:
+                s = reference(port, args.messages, args.connections)
+                print(f"smtp-source -s {args.connections}: {args.messages / s:,.0f} msg/s")
+            if args.loop == "uvloop":
+                import uvloop
+
+                runner = uvloop.run
+            else:
+                runner = asyncio.run
+            rates = []
+            for i in range(args.runs):
+                elapsed = runner(run_once(messages, port, args.connections))
+                rates.append(len(messages) / elapsed)
+                print(f"run {i + 1}: {elapsed:.2f} s, {rates[-1]:,.0f} msg/s ({args.loop})")
+            print(f"median: {statistics.median(rates):,.0f} msg/s")
+        finally:
+            procs.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
