@@ -171,7 +171,7 @@ def _uvloop_run(coro: Any) -> None:
 @click.option("--subject", "-s", default="", help="subject")
 @click.option("--text", help="plain text body ('-' reads standard input)")
 @click.option("--html", help="html body")
-@click.option("--from", "sender", default=None, help="sender (default: postroom@localhost)")
+@click.option("--from", "sender", default=None, help="sender (default: the default_from setting)")
 @click.option("--cc", multiple=True)
 @click.option("--bcc", multiple=True)
 @click.option("--tag", "tags", multiple=True)
@@ -188,7 +188,8 @@ def send(ctx: click.Context, to: tuple[str, ...], subject: str, text: str | None
         text = sys.stdin.read()
     if text is None and html is None:
         raise click.UsageError("give --text or --html")
-    body: dict[str, Any] = {"from": sender or "postroom@localhost", "to": list(to), "subject": subject, "priority": priority}
+    settings = _settings(ctx)
+    body: dict[str, Any] = {"from": sender or settings.default_from, "to": list(to), "subject": subject, "priority": priority}
     for k, v in (("text", text), ("html", html), ("send_at", send_at)):
         if v is not None:
             body[k] = v
@@ -210,8 +211,6 @@ def send(ctx: click.Context, to: tuple[str, ...], subject: str, text: str | None
             raise click.ClickException(f"{r.status_code}: {err.get('message', r.text)}{where}")
         click.echo(f"{r.json()['id']} {r.json()['status']}")
         return
-
-    settings = _settings(ctx)
 
     async def direct() -> None:
         from postroom.app import build_store, limits_from

@@ -44,6 +44,7 @@ class ProviderSettings(BaseModel):
     path: str | None = None  # file provider: the folder for .eml files
     rate: str | None = None  # e.g. "20/s", "1000/h" (routing)
     min_interval: str | None = None  # e.g. "200ms" (routing)
+    burst: int = Field(1, ge=1, description="sends that may go at once within `rate`")
 
     @field_validator("kind")
     @classmethod
@@ -51,6 +52,73 @@ class ProviderSettings(BaseModel):
         if v not in PROVIDER_KINDS:
             raise ValueError(f"unknown provider kind {v!r}; use one of {', '.join(PROVIDER_KINDS)}")
         return v
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: str | None) -> str | None:
+        return _check_rate(v)
+
+    @field_validator("min_interval")
+    @classmethod
+    def _interval(cls, v: str | None) -> str | None:
+        return _check_interval(v)
+
+
+def _check_rate(v: str | None) -> str | None:
+    if v is not None:
+        from postroom.providers.limiter import parse_rate
+
+        parse_rate(v)  # raises ValueError naming the fix
+    return v
+
+
+def _check_interval(v: str | None) -> str | None:
+    if v is not None:
+        from postroom.providers.limiter import parse_interval
+
+        parse_interval(v)
+    return v
+
+
+class DomainSettings(BaseModel):
+    """Limits for one recipient domain (`[domains."gmail.com"]`), or for each other domain
+    (`[domains."*"]`: every domain gets its own counter at that rate)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate: str | None = None
+    min_interval: str | None = None
+    burst: int = Field(1, ge=1)
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: str | None) -> str | None:
+        return _check_rate(v)
+
+    @field_validator("min_interval")
+    @classmethod
+    def _interval(cls, v: str | None) -> str | None:
+        return _check_interval(v)
+
+
+class RoutingSettings(BaseModel):
+    """Breakers, waiting for rate-limit slots, adaptive domain throttling, shared state."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    breaker_faults: int = Field(5, ge=1, description="consecutive provider faults that open a breaker")
+    breaker_cooldown_s: float = Field(30.0, gt=0, description="open breaker: wait before one probe")
+    max_wait_s: float = Field(
+        1.0, ge=0, description="a rate-limit slot this close is waited for; later ones defer the message"
+    )
+    adaptive: bool = Field(True, description="slow a domain down when it answers 421/450/451")
+    throttle_initial_interval_s: float = Field(1.0, gt=0)
+    throttle_max_interval_s: float = Field(60.0, gt=0)
+    throttle_recover_s: float = Field(60.0, gt=0, description="the gap halves every this many seconds")
+    throttle_max_pause_s: float = Field(3600.0, ge=0)
+    state: Literal["auto", "memory", "redis", "database"] = Field(
+        "auto", description="where limits are shared: redis if redis_url is set, else the database"
+    )
 
 
 class WorkerSettings(BaseModel):
@@ -94,9 +162,12 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    domains: dict[str, DomainSettings] = Field(default_factory=dict)
     sqlite_synchronous: Literal["FULL", "NORMAL", "OFF"] = "FULL"
     redis_url: str | None = None
     log_level: str = "info"
+    default_from: str = "Postroom <postroom@example.com>"  # `postroom send` without --from
     dashboard_password: str | None = None
     secret_key: str | None = None
 
