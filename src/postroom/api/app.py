@@ -30,7 +30,7 @@ from postroom.domain.errors import (
     ValidationError,
 )
 from postroom.domain.model import NewMessage, Status
-from postroom.domain.ports import ApiKey, EnqueueResult, MessageFilter, Store
+from postroom.domain.ports import ApiKey, EnqueueResult, MessageFilter, RoutingView, Store
 from postroom.domain.validate import Limits, validate_message
 
 __all__ = ["create_app"]
@@ -83,6 +83,7 @@ def create_app(
     *,
     on_startup: Callable[[], Any] | None = None,
     on_shutdown: Callable[[], Any] | None = None,
+    routing: RoutingView | None = None,
 ) -> FastAPI:
     """The HTTP API over `store`. `on_startup`/`on_shutdown` let `postroom run` start a worker in
     the same process. The caller owns opening the store before serving (the lifespan opens it too:
@@ -96,6 +97,11 @@ def create_app(
     max_request = settings.limits.max_request_bytes
     max_batch = settings.limits.max_batch
     keys = KeyCache(store)
+    if routing is None:
+        from postroom.app import build_routing_view
+
+        routing = build_routing_view(settings, store)
+    routing_view = routing
 
     async def enqueue_many(msgs: list[NewMessage]) -> list[EnqueueResult | BaseException]:
         return list(await store.enqueue(msgs))  # type: ignore[arg-type]
@@ -113,6 +119,7 @@ def create_app(
             if on_shutdown is not None:
                 await on_shutdown()
             await committer.close()
+            await routing_view.close()
             await store.close()
 
     app = FastAPI(
@@ -327,6 +334,22 @@ def create_app(
     @app.post("/v1/messages/{message_id}/retry", tags=["messages"], summary="Retry a failed or retrying message now")
     async def retry(message_id: str, _: ApiKey = Depends(api_key)) -> Response:
         return ORJSONResponse(message_view(await store.retry_now(message_id), full=True))
+
+    @app.get(
+        "/v1/providers",
+        tags=["routing"],
+        summary="Providers in order of preference: breaker state, recent counts, rate-limit use",
+    )
+    async def providers(_: ApiKey = Depends(api_key)) -> Response:
+        return ORJSONResponse({"items": await routing_view.providers()})
+
+    @app.get(
+        "/v1/domains",
+        tags=["routing"],
+        summary="Recipient domains: configured limits and adaptive throttles (slowed, paused)",
+    )
+    async def domains(_: ApiKey = Depends(api_key)) -> Response:
+        return ORJSONResponse({"items": await routing_view.domains()})
 
     @app.get("/v1/stats", tags=["stats"])
     async def stats(_: ApiKey = Depends(api_key)) -> Response:

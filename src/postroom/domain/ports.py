@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from postroom.domain.model import (
     ClaimedMessage,
@@ -25,8 +25,11 @@ __all__ = [
     "MessagePage",
     "MessageRecord",
     "Provider",
+    "RoutingView",
     "Store",
 ]
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -172,6 +175,22 @@ class Store(Protocol):
 
     async def inbox_get(self, capture_id: str) -> CapturedMail: ...
 
+    # -- routing state (rate-limit slots, domain throttles), shared by workers without Redis ----
+    async def state_update(
+        self,
+        keys: Sequence[str],
+        fn: Callable[[dict[str, str]], tuple[dict[str, tuple[str, float | None]], T]],
+    ) -> T:
+        """In one transaction: read the live values of `keys` (absent or expired ones left out),
+        call `fn` with them while they are locked against other processes, write what it returns
+        (key -> (value, expires_at epoch or None)), purge expired rows if anything written
+        expires, commit, return `fn`'s result. `fn` is pure and quick; it may run in a thread."""
+        ...
+
+    async def state_scan(self, prefix: str) -> dict[str, str]:
+        """The live values of every key starting with `prefix`."""
+        ...
+
 
 class Router(Protocol):
     """Picks providers for a message and is the only place failover happens.
@@ -181,5 +200,16 @@ class Router(Protocol):
     was left is appended to `trail` as timeline events."""
 
     async def send(self, message: Outgoing, trail: list[Event]) -> Receipt: ...
+
+    async def close(self) -> None: ...
+
+
+class RoutingView(Protocol):
+    """What the API shows of routing: providers (breaker, counts, rate-limit use) and the
+    per-domain throttles, as every worker process sharing the routing state last reported."""
+
+    async def providers(self) -> list[dict[str, Any]]: ...
+
+    async def domains(self) -> list[dict[str, Any]]: ...
 
     async def close(self) -> None: ...

@@ -1,0 +1,231 @@
+"""Routing state shared between worker processes: rate-limit slots, domain throttles, snapshots.
+
+Three backends, one contract (`RoutingState`):
+
+* `MemoryState`: one process (tests, and `postroom run` with nothing else configured);
+* `RedisState`: when `redis_url` is set; one Lua script reserves slots in several limits atomically
+  on Redis's clock;
+* `StoreState`: through the database (a small `routing_state` table, see `Store.state_update`), so
+  several processes or hosts share limits with nothing but the database. Concurrent acquisitions in
+  one process go to the database as one transaction (group commit).
+
+Values other than rate slots are small JSON objects with a time to live (`put` / `scan`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import orjson
+
+from postroom.domain.batching import GroupCommit
+from postroom.domain.ports import Store
+from postroom.providers.limiter import Grant, Limit, gcra
+
+__all__ = ["MemoryState", "RedisState", "RoutingState", "StoreState"]
+
+_RATE_PREFIX = "rl:"
+_TAT_TTL_S = 60.0  # a TAT this far in the past means nothing: let it go
+
+
+class RoutingState(Protocol):
+    shared: bool  # True when other processes see the same state
+
+    async def acquire(self, limits: Sequence[Limit], max_wait_s: float) -> Grant:
+        """Reserve a slot in every limit at once (see `limiter.gcra`)."""
+        ...
+
+    async def backlog(self, limits: Sequence[Limit]) -> dict[str, float]:
+        """Seconds of slots already reserved ahead of now, per limit key (0 when idle)."""
+        ...
+
+    async def put(self, key: str, value: dict[str, Any], ttl_s: float) -> None: ...
+
+    async def scan(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Every live value whose key starts with `prefix`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryState:
+    shared = False
+
+    def __init__(self) -> None:
+        self._tats: dict[str, float] = {}
+        self._values: dict[str, tuple[dict[str, Any], float]] = {}
+
+    async def acquire(self, limits: Sequence[Limit], max_wait_s: float) -> Grant:
+        grant, new = gcra(time.time(), self._tats, limits, max_wait_s)
+        self._tats.update(new)
+        if len(self._tats) > 100_000:  # domains come and go; old TATs mean nothing
+            now = time.time()
+            self._tats = {k: v for k, v in self._tats.items() if v > now}
+        return grant
+
+    async def backlog(self, limits: Sequence[Limit]) -> dict[str, float]:
+        now = time.time()
+        return {lim.key: max(0.0, self._tats.get(lim.key, now) - now) for lim in limits}
+
+    async def put(self, key: str, value: dict[str, Any], ttl_s: float) -> None:
+        self._values[key] = (value, time.time() + ttl_s)
+
+    async def scan(self, prefix: str) -> dict[str, dict[str, Any]]:
+        now = time.time()
+        return {k: v for k, (v, exp) in self._values.items() if k.startswith(prefix) and exp > now}
+
+    async def close(self) -> None:
+        return None
+
+
+# KEYS: one TAT key per limit. ARGV: max_wait_s, then interval_s and burst per limit.
+# Returns {ok (0/1), wait_s as a string, index of the blocking limit (1-based, 0 = none)}.
+# Redis's own clock is used so that hosts with skewed clocks still share one timeline.
+_GCRA_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local max_wait = tonumber(ARGV[1])
+local tats = {}
+local wait, blocking = 0, 0
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i])
+  local burst = tonumber(ARGV[2 * i + 1])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  tats[i] = tat
+  local w = tat - (burst - 1) * interval - now
+  if w > wait then wait, blocking = w, i end
+end
+if wait > max_wait then
+  return {0, string.format('%.6f', wait), blocking}
+end
+local at = now + wait
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i])
+  local tat = math.max(tats[i], at) + interval
+  redis.call('SET', KEYS[i], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 60000)
+end
+return {1, string.format('%.6f', wait), blocking}
+"""
+
+_BACKLOG_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local out = {}
+for i = 1, #KEYS do
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  out[i] = string.format('%.6f', math.max(0, tat - now))
+end
+return out
+"""
+
+
+class RedisState:
+    """Shared through Redis (`redis_url`). Keys live under `prefix` (default ``postroom:``)."""
+
+    shared = True
+
+    def __init__(self, url: str, *, prefix: str = "postroom:", timeout_s: float = 5.0) -> None:
+        import redis.asyncio as aioredis
+
+        self.url = url
+        self.prefix = prefix
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        self._gcra = self._redis.register_script(_GCRA_LUA)
+        self._backlog = self._redis.register_script(_BACKLOG_LUA)
+
+    def _rkey(self, key: str) -> str:
+        return f"{self.prefix}{_RATE_PREFIX}{key}"
+
+    async def acquire(self, limits: Sequence[Limit], max_wait_s: float) -> Grant:
+        args: list[Any] = [max_wait_s]
+        for lim in limits:
+            args += [lim.interval_s, lim.burst]
+        ok, wait, blocking = await self._gcra(keys=[self._rkey(x.key) for x in limits], args=args)
+        return Grant(bool(ok), float(wait), int(blocking) - 1)
+
+    async def backlog(self, limits: Sequence[Limit]) -> dict[str, float]:
+        if not limits:
+            return {}
+        out = await self._backlog(keys=[self._rkey(x.key) for x in limits])
+        return {lim.key: float(v) for lim, v in zip(limits, out, strict=True)}
+
+    async def put(self, key: str, value: dict[str, Any], ttl_s: float) -> None:
+        await self._redis.set(self.prefix + key, orjson.dumps(value), px=max(1, int(ttl_s * 1000)))
+
+    async def scan(self, prefix: str) -> dict[str, dict[str, Any]]:
+        keys = [k async for k in self._redis.scan_iter(match=f"{self.prefix}{prefix}*", count=500)]
+        if not keys:
+            return {}
+        values = await self._redis.mget(keys)
+        n = len(self.prefix)
+        return {
+            k.decode()[n:]: orjson.loads(v)
+            for k, v in zip(keys, values, strict=True)
+            if v is not None
+        }
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class StoreState:
+    """Shared through the database. Each value is JSON text with an expiry in `routing_state`."""
+
+    shared = True
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._acquirer: GroupCommit[tuple[Sequence[Limit], float], Grant] = GroupCommit(
+            self._acquire_many, max_batch=500
+        )
+
+    async def acquire(self, limits: Sequence[Limit], max_wait_s: float) -> Grant:
+        return await self._acquirer.submit((limits, max_wait_s))
+
+    async def _acquire_many(self, reqs: Sequence[tuple[Sequence[Limit], float]]) -> list[Grant]:
+        keys = sorted({_RATE_PREFIX + lim.key for limits, _ in reqs for lim in limits})
+
+        def update(rows: dict[str, str]) -> tuple[dict[str, tuple[str, float | None]], list[Grant]]:
+            now = time.time()
+            tats = {k[len(_RATE_PREFIX) :]: float(v) for k, v in rows.items()}
+            changed: dict[str, float] = {}
+            grants = []
+            for limits, max_wait_s in reqs:
+                grant, new = gcra(now, tats, limits, max_wait_s)
+                tats.update(new)
+                changed.update(new)
+                grants.append(grant)
+            writes = {_RATE_PREFIX + k: (repr(v), v + _TAT_TTL_S) for k, v in changed.items()}
+            return writes, grants
+
+        return await self.store.state_update(keys, update)
+
+    async def backlog(self, limits: Sequence[Limit]) -> dict[str, float]:
+        rows = await self.store.state_scan(_RATE_PREFIX)
+        now = time.time()
+        out = {}
+        for lim in limits:
+            raw = rows.get(_RATE_PREFIX + lim.key)
+            out[lim.key] = max(0.0, float(raw) - now) if raw is not None else 0.0
+        return out
+
+    async def put(self, key: str, value: dict[str, Any], ttl_s: float) -> None:
+        text = orjson.dumps(value).decode()
+        exp = time.time() + ttl_s
+
+        def update(_: dict[str, str]) -> tuple[dict[str, tuple[str, float | None]], None]:
+            return {key: (text, exp)}, None
+
+        await self.store.state_update([], update)
+
+    async def scan(self, prefix: str) -> dict[str, dict[str, Any]]:
+        rows = await self.store.state_scan(prefix)
+        return {k: orjson.loads(v) for k, v in rows.items()}
+
+    async def close(self) -> None:
+        await self._acquirer.close()
