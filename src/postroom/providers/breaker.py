@@ -10,8 +10,6 @@ from typing import Any
 
 __all__ = ["Breaker", "BreakerState"]
 
-_BUCKET_S = 10.0  # recent counts are kept per 10 s
-
 
 class BreakerState(StrEnum):
     CLOSED = "closed"
@@ -34,8 +32,8 @@ class Breaker:
 
     __slots__ = (
         "_clock",
-        "_events",
         "_probe_at",
+        "_samples",
         "consecutive",
         "cooldown_s",
         "faults",
@@ -68,7 +66,8 @@ class Breaker:
         self.last_error: str | None = None
         self.total_sent = 0
         self.total_faults = 0
-        self._events: deque[list[int]] = deque()  # [10 s bucket, sent, faults] within window_s
+        # (when, total_sent, total_faults) samples, to count what happened within window_s
+        self._samples: deque[tuple[float, int, int]] = deque([(self._clock(), 0, 0)])
 
     def allow(self) -> str | None:
         """None when a send may go now (and, when half-open, this caller is the probe); else why not."""
@@ -109,7 +108,6 @@ class Breaker:
     def success(self) -> bool:
         """Record a send the provider took. True if this closed the breaker."""
         self.total_sent += 1
-        self._note(True)
         self.consecutive = 0
         if self.state is BreakerState.CLOSED:
             return False
@@ -121,7 +119,6 @@ class Breaker:
         """Record a provider fault. True if this opened the breaker. `pause_s` (a Retry-After)
         pauses the provider instead: it is busy, not broken."""
         self.total_faults += 1
-        self._note(False)
         self.last_error = error
         if pause_s:
             self.paused_until = max(self.paused_until, self._clock() + pause_s)
@@ -144,21 +141,22 @@ class Breaker:
             self.success()
             self.total_sent -= 1
 
-    def _note(self, ok: bool) -> None:
-        bucket = int(self._clock() // _BUCKET_S)
-        ev = self._events
-        if not ev or ev[-1][0] != bucket:
-            ev.append([bucket, 0, 0])
-            edge = bucket - self.window_s // _BUCKET_S
-            while ev[0][0] < edge:
-                ev.popleft()
-        ev[-1][1 if ok else 2] += 1
+    def _recent(self, now: float) -> tuple[int, int]:
+        """Sends and faults over the last `window_s`, from samples of the totals (taken at each
+        snapshot, so that the hot path only increments two counters)."""
+        samples = self._samples
+        samples.append((now, self.total_sent, self.total_faults))
+        edge = now - self.window_s
+        while len(samples) > 1 and samples[1][0] <= edge:
+            samples.popleft()
+        if len(samples) > 10_000:
+            samples.popleft()
+        _, sent, faults = samples[0]
+        return self.total_sent - sent, self.total_faults - faults
 
     def snapshot(self) -> dict[str, Any]:
         now = self._clock()
-        edge = (now - self.window_s) // _BUCKET_S
-        ok = sum(b[1] for b in self._events if b[0] >= edge)
-        bad = sum(b[2] for b in self._events if b[0] >= edge)
+        ok, bad = self._recent(now)
         return {
             "state": "paused"
             if self.paused_until > now and self.state is BreakerState.CLOSED

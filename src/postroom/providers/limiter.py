@@ -38,14 +38,20 @@ _UNITS_S = {
     "d": 86400.0,
     "day": 86400.0,
 }
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/|per)\s*(\d+(?:\.\d+)?)?\s*([a-z]+?)s?\s*$", re.I)
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+?)s?\s*$", re.I)
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/|per)\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$", re.I)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.I)
+
+
+def _unit_s(word: str) -> float | None:
+    """Seconds in a unit name: "s", "sec", "seconds", "ms", "min", "hours"... (plurals too)."""
+    word = word.lower()
+    return _UNITS_S.get(word) or (_UNITS_S.get(word[:-1]) if word.endswith("s") else None)
 
 
 def parse_rate(text: str) -> float:
     """`"14/s"`, `"1000/h"`, `"20 per minute"`, `"5/10s"` -> the interval between two sends, in s."""
     m = _RATE.match(text)
-    unit = m and (_UNITS_S.get(m.group(3).lower()) or _UNITS_S.get(m.group(3).lower() + "s"))
+    unit = _unit_s(m.group(3)) if m else None
     if m is None or unit is None:
         raise ValueError(f"{text!r} is not a rate; write it like '14/s', '1000/h' or '20/min'")
     count = float(m.group(1))
@@ -59,7 +65,7 @@ def parse_interval(text: str | float) -> float:
     if isinstance(text, int | float):
         return float(text)
     m = _DURATION.match(text)
-    unit = m and (_UNITS_S.get(m.group(2).lower()) or _UNITS_S.get(m.group(2).lower() + "s"))
+    unit = _unit_s(m.group(2)) if m else None
     if m is None or unit is None:
         raise ValueError(f"{text!r} is not a duration; write it like '200ms', '2s' or '1m'")
     return float(m.group(1)) * unit

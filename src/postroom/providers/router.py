@@ -136,9 +136,9 @@ class Router:
         self.max_wait_s = max_wait_s
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._defer_tat: dict[str, float] = {}  # spreads deferred messages over future slots
-        self._published_at = 0.0
+        self._publish_due = 0.0  # monotonic time of the next snapshot
         self._publishing: asyncio.Task[None] | None = None
-        self._dirty = True
+        self._has_domain_limits = bool(self.domain_limits)
 
     @property
     def providers(self) -> list[Provider]:
@@ -147,25 +147,28 @@ class Router:
     # -- the hot path -------------------------------------------------------------------------
 
     async def send(self, message: Outgoing, trail: list[Event]) -> Receipt:
-        self._maybe_publish()
+        if time.monotonic() >= self._publish_due:
+            self._publish_soon()
         throttler = self.throttler
         domain_limits: list[Limit] = []
         domains: list[str] | None = None
         if throttler is not None:
-            await throttler.refresh()
+            if throttler.stale():
+                await throttler.refresh()
             if throttler.active:
                 domains = _domains(message)
                 pause, who, domain_limits = throttler.check(domains, time.time())
                 if pause:
                     until = self._spread(f"throttle:{who}", pause, 0.05)
                     raise Deferred(until, f"domain {who} is throttled (it asked to wait)")
-        if self.domain_limits:
+        if self._has_domain_limits:
             domains = domains if domains is not None else _domains(message)
             for d in domains:
                 domain_limits.extend(self.domain_limits.for_domain(d))
 
         last_fault: ProviderFault | None = None
         soonest_s: float | None = None  # the nearest slot of a provider skipped for its rate
+        spread_key, spread_s = "providers", 0.01  # the limit whose slots deferred messages take
         skipped: list[str] = []
         for route in self.routes:
             breaker = route.breaker
@@ -198,7 +201,8 @@ class Router:
                     why = f"{lim.label}: next slot in {grant.wait_s:.2f}s"
                     skipped.append(f"{route.name}: {why}")
                     trail.append(_event(message, "provider_skipped", route.name, why))
-                    soonest_s = grant.wait_s if soonest_s is None else min(soonest_s, grant.wait_s)
+                    if soonest_s is None or grant.wait_s < soonest_s:
+                        soonest_s, spread_key, spread_s = grant.wait_s, lim.key, lim.interval_s
                     continue
                 domain_limits = []  # the domain slots are taken; a failover does not retake them
                 if grant.wait_s > 0:
@@ -209,7 +213,8 @@ class Router:
                 e.provider = e.provider or route.name
                 last_fault = e
                 opened = breaker.fault(e.text, pause_s=e.retry_after_s)
-                self._dirty = True
+                if opened:
+                    self._publish_due = 0.0  # show it soon
                 detail = e.text + ("; breaker opened" if opened else "")
                 trail.append(_event(message, "provider_fault", route.name, detail, e.code))
                 continue
@@ -233,7 +238,7 @@ class Router:
                 breaker.abandon()
                 raise
             if breaker.success():
-                self._dirty = True
+                self._publish_due = 0.0
                 trail.append(_event(message, "breaker_closed", route.name, "probe succeeded"))
             return receipt
 
@@ -245,7 +250,7 @@ class Router:
                 provider=last_fault.provider,
             )
         if soonest_s is not None:
-            until = self._spread("providers", time.time() + soonest_s, 0.01)
+            until = self._spread(spread_key, time.time() + soonest_s, spread_s)
             raise Deferred(
                 until, "every provider is over its rate limit or paused: " + "; ".join(skipped)
             )
@@ -272,14 +277,13 @@ class Router:
             },
         }
 
-    def _maybe_publish(self) -> None:
+    def _publish_soon(self) -> None:
+        """Publish the snapshot in the background (at most one at a time, every few seconds)."""
         now = time.monotonic()
-        if now - self._published_at < (_SNAPSHOT_EVERY_S if not self._dirty else 0.2):
-            return
         if self._publishing is not None and not self._publishing.done():
+            self._publish_due = now + 0.2
             return
-        self._published_at = now
-        self._dirty = False
+        self._publish_due = now + _SNAPSHOT_EVERY_S
         self._publishing = asyncio.get_running_loop().create_task(self.publish())
 
     async def publish(self) -> None:

@@ -106,6 +106,9 @@ class Throttler:
     def active(self) -> bool:
         return bool(self._local)
 
+    def stale(self) -> bool:
+        return time.monotonic() - self._refreshed_at >= self.refresh_s
+
     async def refresh(self, *, force: bool = False) -> None:
         """Read the shared throttles, at most every `refresh_s` (one round trip for all domains)."""
         now = time.monotonic()
