@@ -161,3 +161,53 @@ async def test_api_keys_are_stored_as_hashes_and_can_be_revoked(store: Store) ->
     assert await store.verify_key(secret + "x") is None
     await store.revoke_key(key.id)  # type: ignore[attr-defined]
     assert await store.verify_key(secret) is None
+
+
+async def test_workers_register_heartbeat_and_leave(store: Store) -> None:
+    from postroom.domain.ports import WorkerInfo
+
+    await store.heartbeat(WorkerInfo("h:1", "h", 1, started_at=time.time(), concurrency=8))
+    await store.heartbeat(WorkerInfo("h:2", "h", 2, started_at=time.time(), in_flight=3, sent=10, failed=1))
+    await store.heartbeat(WorkerInfo("h:1", "h", 1, started_at=time.time(), concurrency=8, sent=5))
+    workers = {w.name: w for w in await store.list_workers()}
+    assert set(workers) == {"h:1", "h:2"}
+    assert workers["h:1"].sent == 5 and workers["h:2"].in_flight == 3 and workers["h:2"].failed == 1
+    assert abs(workers["h:1"].heartbeat_at - time.time()) < 5
+    await store.remove_worker("h:1")
+    assert [w.name for w in await store.list_workers()] == ["h:2"]
+
+
+async def test_leases_of_a_worker_with_a_stale_heartbeat_are_released_early(store: Store) -> None:
+    from postroom.domain.ports import WorkerInfo
+
+    await store.enqueue([msg(1), msg(2)])
+    await store.heartbeat(WorkerInfo("dead", "h", 1, started_at=time.time()))
+    (held,) = await store.claim("dead", 1, 600)
+    await store.heartbeat(WorkerInfo("alive", "h", 2, started_at=time.time()))
+    (other,) = await store.claim("alive", 1, 600)
+    assert await store.release_stale(60) == 0  # both fresh
+    await asyncio.sleep(0.3)
+    await store.heartbeat(WorkerInfo("alive", "h", 2, started_at=time.time()))
+    assert await store.release_stale(0.2) == 1  # only the dead worker's lease
+    assert [w.name for w in await store.list_workers()] == ["alive"]
+    (again,) = await store.claim("alive", 5, 600)  # claimable now, not in 600 s
+    assert again.id == held.id and again.lease_token > held.lease_token
+    late = await store.record([Outcome(held.id, held.lease_token, Status.SENT)], worker="dead")
+    assert late == [False]
+    assert (await store.get(other.id)).status is Status.SENDING
+
+
+async def test_throughput_counts_outcomes_per_interval(store: Store) -> None:
+    await store.enqueue([msg(i) for i in range(4)])
+    claimed = await store.claim("w", 4, 30)
+    statuses = [Status.SENT, Status.SENT, Status.FAILED, Status.RETRYING]
+    await store.record(
+        [Outcome(m.id, m.lease_token, s, next_at=time.time() + 60) for m, s in zip(claimed, statuses, strict=True)],
+        worker="w",
+    )
+    series = await store.throughput(time.time() - 120, step_s=60)  # type: ignore[attr-defined]
+    assert len(series) >= 2 and series == sorted(series, key=lambda p: p["t"])
+    total = {k: sum(p[k] for p in series) for k in ("accepted", "sent", "failed", "retried")}
+    assert total == {"accepted": 4, "sent": 2, "failed": 1, "retried": 1}
+    st = await store.stats()
+    assert st["last_minute"]["retried"] == 1 and st["last_hour"]["accepted"] == 4

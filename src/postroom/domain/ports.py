@@ -27,6 +27,7 @@ __all__ = [
     "Provider",
     "RoutingView",
     "Store",
+    "WorkerInfo",
 ]
 
 T = TypeVar("T")
@@ -85,6 +86,21 @@ class ApiKey:
     created_at: float
     role: str = "admin"
     revoked: bool = False
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    """A running worker process as the registry knows it (GET /v1/workers)."""
+
+    name: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float = 0.0  # set by the store (its clock) on every heartbeat
+    concurrency: int = 0
+    in_flight: int = 0
+    sent: int = 0
+    failed: int = 0
 
 
 @dataclass(slots=True)
@@ -148,6 +164,20 @@ class Store(Protocol):
         """Return when new work may be ready (notification) or after `timeout_s`."""
         ...
 
+    # -- the worker registry ----------------------------------------------------------------
+    async def heartbeat(self, info: WorkerInfo) -> None:
+        """Register a worker or refresh its row (heartbeat_at = now, counters as given)."""
+        ...
+
+    async def remove_worker(self, name: str) -> None: ...
+
+    async def list_workers(self) -> list[WorkerInfo]: ...
+
+    async def release_stale(self, stale_after_s: float) -> int:
+        """Forget workers whose last heartbeat is older than `stale_after_s` and make the messages
+        they hold claimable now (their leases end early). Returns how many were released."""
+        ...
+
     # -- queries and actions for the doors --------------------------------------------------
     async def get(self, message_id: str, *, with_events: bool = True) -> MessageRecord: ...
 
@@ -167,6 +197,8 @@ class Store(Protocol):
     async def list_keys(self) -> list[ApiKey]: ...
 
     async def count_keys(self) -> int: ...
+
+    async def revoke_key(self, key_id: str) -> None: ...
 
     # -- the capture inbox ------------------------------------------------------------------
     async def capture(self, mails: Sequence[CapturedMail]) -> None: ...
