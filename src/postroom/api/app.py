@@ -388,4 +388,8 @@ def create_app(
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+    from postroom.web import mount  # the dashboard, beside the API
+
+    mount(app, settings, store)
     return app
