@@ -3,18 +3,22 @@
     .venv/bin/python -m bench.smtp_client                       # 20,000 x ~2 KB, 16 connections
     .venv/bin/python -m bench.smtp_client --loop uvloop --runs 3
     .venv/bin/python -m bench.smtp_client --sink-args=-p        # a sink without PIPELINING
-    .venv/bin/python -m bench.smtp_client --reference           # smtp-source (C) into the same sink
+    .venv/bin/python -m bench.smtp_client --reference           # and smtp-source (C), run by run
 
 Starts ``/usr/sbin/smtp-sink -u nobody 127.0.0.1:<free port> 1024`` (or uses ``--port``), sends
 every message through one SMTPProvider with ``--connections`` pooled sessions and as many sender
 tasks, and checks that every send came back with a 250 receipt. The time covers the sends only
-(sessions are opened inside the timed part, as in a worker's first batch).
+(sessions are opened inside the timed part, as in a worker's first batch). Each run waits (up to
+``--quiet-wait`` s) for the shared machine to be quiet and prints how busy it was, the client's
+CPU time per message (user + system: steadier than the rate on a busy machine) and, with
+``--reference``, the rate of ``smtp-source`` with as many sessions measured just before it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import socket
 import statistics
 import subprocess
@@ -28,6 +32,7 @@ from pathlib import Path
 
 from bench.messages import envelope, iter_messages
 from bench.procs import ProcessGroup
+from bench.runner import wait_for_quiet
 from bench.sink import SINK_BACKLOG, SMTP_SINK, SMTP_SOURCE, ensure_postfix_tools, free_port
 from postroom.domain.model import Address, Content, Outgoing
 from postroom.providers.smtp import SMTPProvider
@@ -124,6 +129,7 @@ def main() -> None:
         "--sink-args", default="", help="extra smtp-sink flags, e.g. -p (no PIPELINING)"
     )
     ap.add_argument("--reference", action="store_true", help="also time smtp-source into the sink")
+    ap.add_argument("--quiet-wait", type=float, default=30.0, metavar="S")
     args = ap.parse_args()
 
     messages = build(args.messages)
@@ -140,21 +146,37 @@ def main() -> None:
                 argv = [SMTP_SINK, "-u", "nobody", *args.sink_args.split()]
                 procs.start("smtp-sink", [*argv, f"127.0.0.1:{port}", str(SINK_BACKLOG)])
                 wait_accepting(port)
-            if args.reference:
-                s = reference(port, args.messages, args.connections)
-                print(f"smtp-source -s {args.connections}: {args.messages / s:,.0f} msg/s")
             if args.loop == "uvloop":
                 import uvloop
 
                 runner = uvloop.run
             else:
                 runner = asyncio.run
-            rates = []
+            rates, ratios = [], []
             for i in range(args.runs):
+                busy = wait_for_quiet(args.quiet_wait)
+                line = f"run {i + 1} (machine {busy:.0f}% busy before):"
+                if args.reference:
+                    ref = args.messages / reference(port, args.messages, args.connections)
+                    line += f" smtp-source {ref:,.0f} msg/s;"
+                before = resource.getrusage(resource.RUSAGE_SELF)
                 elapsed = runner(run_once(messages, port, args.connections))
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                cpu_us = (
+                    ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+                    / len(messages)
+                    * 1e6
+                )
                 rates.append(len(messages) / elapsed)
-                print(f"run {i + 1}: {elapsed:.2f} s, {rates[-1]:,.0f} msg/s ({args.loop})")
-            print(f"median: {statistics.median(rates):,.0f} msg/s")
+                line += (
+                    f" SMTPProvider ({args.loop}) {rates[-1]:,.0f} msg/s, {cpu_us:.0f} us CPU/msg"
+                )
+                if args.reference:
+                    ratios.append(rates[-1] / ref)
+                    line += f" = {ratios[-1]:.2f} x smtp-source"
+                print(line, flush=True)
+            print(f"median: {statistics.median(rates):,.0f} msg/s", end="")
+            print(f", {statistics.median(ratios):.2f} x smtp-source" if ratios else "")
         finally:
             procs.stop_all()
 

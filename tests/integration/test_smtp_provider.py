@@ -596,8 +596,17 @@ async def test_a_connection_lost_after_the_content_is_a_transient_error(
         Script(replies={"RCPT": "421 4.3.0 fake.test shutting down"}),
         Script(replies={"MAIL": "530 5.7.0 Authentication required"}),
         Script(greeting=DROP),
+        Script(greeting="hello, this is not SMTP"),
     ],
-    ids=["421-greeting", "554-greeting", "421-mail", "421-rcpt", "530-mail", "drop-greeting"],
+    ids=[
+        "421-greeting",
+        "554-greeting",
+        "421-mail",
+        "421-rcpt",
+        "530-mail",
+        "drop-greeting",
+        "garbled-greeting",
+    ],
 )
 async def test_provider_level_answers_are_provider_faults(
     make_provider: Any, script: Script

@@ -49,9 +49,6 @@ except ImportError:  # pragma: no cover - until then
     dot_stuff = _dot_stuff  # type: ignore[assignment,unused-ignore]
 
 
-# Errors that mean the connection is unusable (OSError covers resets and ssl.SSLError).
-_CONNECTION_ERRORS = (OSError, EOFError, asyncio.LimitOverrunError, ValueError)
-
 _QUIT_TIMEOUT_S = 5.0
 _MIN_UPLOAD_BYTES_PER_S = 100_000  # the payload step gets timeout_s plus its size at this rate
 _AUTH_CODES = frozenset({530, 534, 535, 538})  # auth required / too weak / failed / needs TLS
@@ -75,6 +72,11 @@ def retry_after_hint(text: str) -> float | None:
 
 class _ProtocolError(ValueError):
     """The server said something that is not an SMTP reply."""
+
+
+# Errors that make a session unusable: OSError covers resets, TimeoutError and ssl.SSLError;
+# EOFError is asyncio.IncompleteReadError (the server closed); the rest are garbled replies.
+_CONNECTION_ERRORS = (OSError, EOFError, asyncio.LimitOverrunError, _ProtocolError)
 
 
 class _Stale(Exception):
@@ -247,6 +249,12 @@ class SMTPProvider:
         self.timeout_s = timeout_s
         self.max_messages_per_connection = max(1, max_messages_per_connection)
         self.idle_timeout_s = idle_timeout_s
+        if ssl_context is None and (tls or starttls):
+            # Built here, not on the event loop: loading the CA store blocks for a while.
+            ssl_context = ssl.create_default_context()
+            if not verify_tls:
+                ssl_context.check_hostname = False
+                ssl_context.verify_mode = ssl.CERT_NONE
         self._ssl_context = ssl_context
         self._slots = asyncio.Semaphore(pool_size)
         self._idle: deque[_Session] = deque()  # the most recently used on the right
@@ -346,12 +354,7 @@ class SMTPProvider:
     # -- opening a session --------------------------------------------------------------------
 
     def _tls_context(self) -> ssl.SSLContext:
-        if self._ssl_context is None:
-            ctx = ssl.create_default_context()
-            if not self.verify_tls:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            self._ssl_context = ctx
+        assert self._ssl_context is not None  # made in __init__ when tls or starttls is set
         return self._ssl_context
 
     def _fault(self, text: str, code: int | None = None) -> ProviderFault:
