@@ -21,16 +21,36 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Scenarios: " + ", ".join(SCENARIOS) + ". 'all' runs them in that order; "
         "'list' describes them; 'show' prints the stored table.",
     )
-    p.add_argument("targets", nargs="+", metavar="SCENARIO", help="scenario names, 'all', 'list' or 'show'")
-    p.add_argument("--runs", type=int, default=3, help="runs per scenario; the table shows the median (default 3)")
-    p.add_argument("--messages", type=int, default=None, help="message count for every selected scenario")
-    p.add_argument("--quick", action="store_true", help="small counts for a smoke run (written to results/quick.json)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="time budget of one run in seconds")
     p.add_argument(
-        "--quiet-wait", type=float, default=30.0, metavar="S",
+        "targets", nargs="+", metavar="SCENARIO", help="scenario names, 'all', 'list' or 'show'"
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="runs per scenario; the table shows the median (default 3)",
+    )
+    p.add_argument(
+        "--messages", type=int, default=None, help="message count for every selected scenario"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small counts for a smoke run (written to results/quick.json)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="time budget of one run in seconds"
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        metavar="S",
         help="before each run, wait up to S seconds for the machine to be <25%% busy (default 30; 0: don't)",
     )
-    p.add_argument("--output", type=Path, default=None, help="results file (default bench/results/latest.json)")
+    p.add_argument(
+        "--output", type=Path, default=None, help="results file (default bench/results/latest.json)"
+    )
     return p
 
 
@@ -51,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     names = list(SCENARIOS) if args.targets == ["all"] else args.targets
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
-        _parser().error(f"unknown scenario(s): {', '.join(unknown)} (known: {', '.join(SCENARIOS)})")
+        _parser().error(
+            f"unknown scenario(s): {', '.join(unknown)} (known: {', '.join(SCENARIOS)})"
+        )
     if args.runs < 1:
         _parser().error("--runs must be at least 1")
 
@@ -59,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         results.append(
             run_scenario(
-                SCENARIOS[name], runs=args.runs, messages=args.messages, quick=args.quick,
-                timeout_s=args.timeout, quiet_wait_s=args.quiet_wait,
+                SCENARIOS[name],
+                runs=args.runs,
+                messages=args.messages,
+                quick=args.quick,
+                timeout_s=args.timeout,
+                quiet_wait_s=args.quiet_wait,
             )
         )
         report.merge_and_write(output, results)  # after each scenario: a later crash keeps it

@@ -56,8 +56,12 @@ def _check_loopback(host: str) -> None:
 
 
 def _encode(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
-    head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
-            f"Content-Length: {len(body)}"]
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
     head += [f"{k}: {v}" for k, v in headers.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
@@ -87,8 +91,13 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def _worker(
-    host: str, port: int, requests: list[bytes], next_index: list[int], result: LoadResult,
-    ok_status: Sequence[int], deadline: float,
+    host: str,
+    port: int,
+    requests: list[bytes],
+    next_index: list[int],
+    result: LoadResult,
+    ok_status: Sequence[int],
+    deadline: float,
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
@@ -123,9 +132,15 @@ async def _worker(
         writer.close()
 
 
-async def _run(url: str, bodies: Iterable[Any], concurrency: int, timeout_s: float,
-               ok_status: Sequence[int], headers: dict[str, str],
-               on_start: Callable[[], None] | None) -> LoadResult:
+async def _run(
+    url: str,
+    bodies: Iterable[Any],
+    concurrency: int,
+    timeout_s: float,
+    ok_status: Sequence[int],
+    headers: dict[str, str],
+    on_start: Callable[[], None] | None,
+) -> LoadResult:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     _check_loopback(host)
@@ -169,7 +184,9 @@ def post_all(
     read (closed loop). Bodies are encoded before the clock starts; ``on_start``
     runs after that, immediately before the first request (``result.started``).
     """
-    return asyncio.run(_run(url, bodies, concurrency, timeout_s, ok_status, headers or {}, on_start))
+    return asyncio.run(
+        _run(url, bodies, concurrency, timeout_s, ok_status, headers or {}, on_start)
+    )
 
 
 def wait_http_ready(url: str, *, timeout_s: float = 30.0) -> None:
@@ -194,7 +211,7 @@ def wait_http_ready(url: str, *, timeout_s: float = 30.0) -> None:
         try:
             if asyncio.run(probe()) == 200:
                 return
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as e:
             last = f"{type(e).__name__}: {e}"
         time.sleep(0.1)
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s ({last})")

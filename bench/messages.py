@@ -36,17 +36,67 @@ TEXT_SIZE_B = 2000
 """Target size of the body text, like ``smtp-source -l 2000`` in the limit scenario."""
 
 _FIRST = (
-    "Ada", "Alan", "Grace", "Linus", "Margaret", "Dennis", "Barbara", "Ken",
-    "Frances", "Edsger", "Radia", "Niklaus", "Hedy", "Tim", "Katherine", "Guido",
-    "Sophie", "Bjarne", "Joan", "Donald", "Shafi", "Leslie", "Anita", "Robin",
+    "Ada",
+    "Alan",
+    "Grace",
+    "Linus",
+    "Margaret",
+    "Dennis",
+    "Barbara",
+    "Ken",
+    "Frances",
+    "Edsger",
+    "Radia",
+    "Niklaus",
+    "Hedy",
+    "Tim",
+    "Katherine",
+    "Guido",
+    "Sophie",
+    "Bjarne",
+    "Joan",
+    "Donald",
+    "Shafi",
+    "Leslie",
+    "Anita",
+    "Robin",
     # A few non-ASCII names, so header encoding is exercised as in real traffic.
-    "José", "Zoë", "Jürgen", "Søren", "Ángela", "Łukasz",
+    "José",
+    "Zoë",
+    "Jürgen",
+    "Søren",
+    "Ángela",
+    "Łukasz",
 )
 _LAST = (
-    "Lovelace", "Turing", "Hopper", "Torvalds", "Hamilton", "Ritchie", "Liskov",
-    "Thompson", "Allen", "Dijkstra", "Perlman", "Wirth", "Lamarr", "Berners-Lee",
-    "Johnson", "van Rossum", "Wilson", "Stroustrup", "Clarke", "Knuth", "Goldwasser",
-    "Lamport", "Borg", "Milner", "Müller", "Nørgaard", "García", "Kowalski",
+    "Lovelace",
+    "Turing",
+    "Hopper",
+    "Torvalds",
+    "Hamilton",
+    "Ritchie",
+    "Liskov",
+    "Thompson",
+    "Allen",
+    "Dijkstra",
+    "Perlman",
+    "Wirth",
+    "Lamarr",
+    "Berners-Lee",
+    "Johnson",
+    "van Rossum",
+    "Wilson",
+    "Stroustrup",
+    "Clarke",
+    "Knuth",
+    "Goldwasser",
+    "Lamport",
+    "Borg",
+    "Milner",
+    "Müller",
+    "Nørgaard",
+    "García",
+    "Kowalski",
 )
 _SUBJECTS = (
     "Your order #{order} has shipped",
@@ -104,9 +154,11 @@ def message(i: int) -> dict[str, Any]:
     size = len(parts[0])
     n_sentences = len(_SENTENCES)
     while size < budget:
-        paragraph = "\n" + "\n".join(
-            _SENTENCES[rng.randrange(n_sentences)] for _ in range(rng.randrange(2, 5))
-        ) + "\n"
+        paragraph = (
+            "\n"
+            + "\n".join(_SENTENCES[rng.randrange(n_sentences)] for _ in range(rng.randrange(2, 5)))
+            + "\n"
+        )
         parts.append(paragraph)
         size += len(paragraph) + 8  # placeholders grow a little when filled in
     body = "".join(parts).format(**f)

@@ -21,7 +21,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["ProcessGroup", "Proc", "stop_process_group"]
+__all__ = ["Proc", "ProcessGroup", "group_cpu_s", "stop_process_group", "wait_until"]
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 _LIVE: weakref.WeakSet[ProcessGroup] = weakref.WeakSet()
 
@@ -31,10 +33,8 @@ def stop_process_group(popen: subprocess.Popen[Any], grace_s: float = 5.0) -> in
     if popen.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(popen.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             popen.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
     # Grandchildren (a Celery worker's pool, say) may outlive the leader: kill the group regardless.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(popen.pid, signal.SIGKILL)
@@ -45,6 +45,28 @@ def stop_process_group(popen: subprocess.Popen[Any], grace_s: float = 5.0) -> in
     return popen.returncode
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a process group.
+
+    Includes what their already-exited, reaped children used (``cutime``/``cstime``),
+    so a Celery worker's pool or a forking sender is counted whole while it runs.
+    """
+    total_ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2 :].split()
+        # fields[0] is state (field 3 of stat); pgrp is field 5, utime..cstime are fields 14-17.
+        if int(fields[2]) == pgid:
+            total_ticks += sum(int(x) for x in fields[11:15])
+    return total_ticks / _TICKS_PER_S
+
+
 class Proc:
     """A started child: its Popen, its name and the file its output goes to."""
 
@@ -52,6 +74,7 @@ class Proc:
         self.name = name
         self.popen = popen
         self.log_path = log_path
+        self.exit_cpu_s: float | None = None
 
     @property
     def pid(self) -> int:
@@ -69,13 +92,35 @@ class Proc:
             fh.seek(max(0, fh.tell() - n_chars))
             return fh.read().decode("utf-8", "replace")
 
-    def wait(self, timeout_s: float) -> int:
-        """Wait for a normal exit; raise TimeoutError (after killing the group) if it takes longer."""
-        try:
-            return self.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            stop_process_group(self.popen)
-            raise TimeoutError(f"{self.name} did not finish within {timeout_s:.0f} s") from None
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by this child's process group (call before stopping it)."""
+        return group_cpu_s(self.pid)
+
+    def wait(self, timeout_s: float, poll_s: float = 0.002) -> int:
+        """Wait for a normal exit; raise TimeoutError (after killing the group) if it takes longer.
+
+        Reaps with ``wait4`` so :attr:`exit_cpu_s` holds the CPU the child and
+        its reaped descendants used in all.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.popen.returncode is None:
+            try:
+                pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (Popen.poll)
+                self.popen.wait()
+                break
+            if pid == self.pid:
+                self.popen.returncode = os.waitstatus_to_exitcode(status)
+                self.exit_cpu_s = usage.ru_utime + usage.ru_stime
+                break
+            if time.monotonic() >= deadline:
+                stop_process_group(self.popen)
+                raise TimeoutError(f"{self.name} did not finish within {timeout_s:.0f} s")
+            time.sleep(poll_s)
+        code = self.popen.returncode
+        if code is None:  # unreachable: the loop only ends once the child is reaped
+            raise RuntimeError(f"{self.name}: no exit status")
+        return int(code)
 
 
 class ProcessGroup:
@@ -141,7 +186,9 @@ def _stop_everything() -> None:
 atexit.register(_stop_everything)
 
 
-def wait_until(predicate: Any, *, timeout_s: float, interval_s: float = 0.05, what: str = "condition") -> float:
+def wait_until(
+    predicate: Any, *, timeout_s: float, interval_s: float = 0.05, what: str = "condition"
+) -> float:
     """Poll ``predicate()`` until true; return the monotonic time it became true, or raise TimeoutError."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -32,9 +32,10 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 from bench import messages as _messages
 from bench.procs import ProcessGroup
@@ -43,7 +44,7 @@ from bench.sink import SMTPSink
 __all__ = ["SCENARIOS", "Context", "Scenario", "ScenarioFn", "SetupFn", "scenario"]
 
 ScenarioFn = Callable[["Context"], Mapping[str, float]]
-SetupFn = Callable[["Context"], ContextManager[Any]]
+SetupFn = Callable[["Context"], AbstractContextManager[Any]]
 
 
 @dataclass(frozen=True)

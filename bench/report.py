@@ -15,14 +15,19 @@ __all__ = ["REFERENCES", "RESULTS_PATH", "load", "markdown_table", "merge_and_wr
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "latest.json"
 SCHEMA = 1
+# Multiplication sign and en dash, spelt as escapes so linters see no look-alike characters.
+TIMES, DASH = "\u00d7", "\u2013"
 
-REFERENCES: tuple[tuple[str, str], ...] = (("limit", "of limit"), ("peer-celery", "× peer-celery"))
+REFERENCES: tuple[tuple[str, str], ...] = (
+    ("limit", "of limit"),
+    ("peer-celery", f"{TIMES} peer-celery"),
+)
 """Scenarios every rate is compared against, and the table column for each."""
 
 
 def load(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data: dict[str, Any] = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {"schema": SCHEMA, "scenarios": {}}
     data.setdefault("scenarios", {})
@@ -60,8 +65,10 @@ def ratios(name: str, scenarios: Mapping[str, Any]) -> dict[str, float]:
         return {}
     out: dict[str, float] = {}
     for ref, _ in REFERENCES:
+        if ref == name:
+            break  # a reference is compared only with the references before it
         base = _primary_median(scenarios.get(ref))
-        if ref != name and base:
+        if base:
             out[ref] = value / base
     return out
 
@@ -69,6 +76,8 @@ def ratios(name: str, scenarios: Mapping[str, Any]) -> dict[str, float]:
 def _fmt(metric: str, value: float) -> str:
     if metric.endswith("_per_s"):
         return f"{value:,.0f}/s" if value >= 100 else f"{value:,.1f}/s"
+    if metric.endswith("_ms_per_msg"):
+        return f"{value:,.2f} ms"
     if metric.endswith("_ms"):
         return f"{value:,.2f} ms"
     if metric.endswith("_s"):
@@ -79,14 +88,15 @@ def _fmt(metric: str, value: float) -> str:
 
 
 def _label(metric: str) -> str:
-    for suffix in ("_per_s", "_ms", "_s", "_mb"):
+    for suffix in ("_ms_per_msg", "_per_s", "_ms", "_s", "_mb"):
         if metric.endswith(suffix):
-            return metric[: -len(suffix)].replace("_", " ") + (" /s" if suffix == "_per_s" else "")
+            unit = {"_per_s": " /s", "_ms_per_msg": " per msg"}.get(suffix, "")
+            return metric[: -len(suffix)].replace("_", " ") + unit
     return metric.replace("_", " ")
 
 
 def _fmt_ratio(ref: str, r: float) -> str:
-    return f"{r:.1%}" if ref == "limit" else f"{r:.2f}×"
+    return f"{r:.1%}" if ref == "limit" else f"{r:.2f}{TIMES}"
 
 
 def markdown_table(
@@ -102,7 +112,7 @@ def markdown_table(
     was not re-run with them is marked † (taken from an earlier run). Names in
     ``pending`` that have no results get a "pending" row.
     """
-    head = ["scenario", "metric", "median", "min – max", "runs × msgs"]
+    head = ["scenario", "metric", "median", f"min {DASH} max", f"runs {TIMES} msgs"]
     head += [label for _, label in REFERENCES]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     stale = False
@@ -125,11 +135,13 @@ def markdown_table(
                 name if k == 0 else "",
                 ("**" + _label(metric) + "**") if k == 0 else _label(metric),
                 _fmt(metric, m["median"]),
-                f"{_fmt(metric, m['min'])} – {_fmt(metric, m['max'])}",
-                f"{entry.get('runs_completed', entry['runs'])} × {entry['messages']:,}" if k == 0 else "",
+                f"{_fmt(metric, m['min'])} {DASH} {_fmt(metric, m['max'])}",
+                f"{entry.get('runs_completed', entry['runs'])} {TIMES} {entry['messages']:,}"
+                if k == 0
+                else "",
             ]
             for ref, _ in REFERENCES:
-                r = entry.get("ratios", {}).get(ref) if k == 0 else None
+                r = ratios(name, scenarios).get(ref) if k == 0 else None
                 if r is None:
                     cells.append("")
                     continue

@@ -58,7 +58,10 @@ class ScenarioResult:
             "runs_completed": max((len(v) for v in self.values.values()), default=0),
             "metrics": self.metrics(),
             "info": self.info,
-            "environment": {**self.environment, "cpu_busy_before_each_run_pct": self.busy_before_pct},
+            "environment": {
+                **self.environment,
+                "cpu_busy_before_each_run_pct": self.busy_before_pct,
+            },
         }
 
 
@@ -155,9 +158,15 @@ def run_scenario(
             state: Any = None
             if sc.setup is not None:
                 setup_ctx = Context(
-                    scenario=sc.name, messages=n, runs=runs, run=-1, quick=quick,
-                    work_dir=setup_dir, procs=setup_procs,
-                    deadline=time.monotonic() + budget_s, info=result.info,
+                    scenario=sc.name,
+                    messages=n,
+                    runs=runs,
+                    run=-1,
+                    quick=quick,
+                    work_dir=setup_dir,
+                    procs=setup_procs,
+                    deadline=time.monotonic() + budget_s,
+                    info=result.info,
                 )
                 with _time_limit(budget_s):
                     state = stack.enter_context(sc.setup(setup_ctx))
@@ -167,9 +176,16 @@ def run_scenario(
                 work_dir = Path(tempfile.mkdtemp(prefix=f"postroom-bench-{sc.name}-{i + 1}-"))
                 procs = ProcessGroup(work_dir)
                 ctx = Context(
-                    scenario=sc.name, messages=n, runs=runs, run=i, quick=quick,
-                    work_dir=work_dir, procs=procs, deadline=time.monotonic() + budget_s,
-                    state=state, info=result.info,
+                    scenario=sc.name,
+                    messages=n,
+                    runs=runs,
+                    run=i,
+                    quick=quick,
+                    work_dir=work_dir,
+                    procs=procs,
+                    deadline=time.monotonic() + budget_s,
+                    state=state,
+                    info=result.info,
                 )
                 ok = False
                 try:

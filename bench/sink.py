@@ -144,7 +144,9 @@ class SMTPSink:
             except OSError:
                 pass
             time.sleep(0.02)
-        raise RuntimeError(f"smtp-sink not accepting on {self.address} after {self.start_timeout_s} s")
+        raise RuntimeError(
+            f"smtp-sink not accepting on {self.address} after {self.start_timeout_s} s"
+        )
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -163,7 +165,9 @@ class SMTPSink:
         matches = _COUNTER.findall(tail)
         return int(matches[-1]) if matches else 0
 
-    def wait_for(self, n: int, *, timeout_s: float, interval_s: float = 0.02, stall_s: float | None = None) -> float:
+    def wait_for(
+        self, n: int, *, timeout_s: float, interval_s: float = 0.02, stall_s: float | None = None
+    ) -> float:
         """Block until the sink has seen ``n`` messages; return the monotonic time it did.
 
         Raises TimeoutError after ``timeout_s``, or earlier if the count has not

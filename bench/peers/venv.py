@@ -29,10 +29,20 @@ def ensure_peers_venv() -> Path:
     if python.exists() and _STAMP.exists() and _STAMP.read_text().strip() == digest:
         return python
     print(f"creating {PEERS_VENV} from {REQUIREMENTS.name} …", file=sys.stderr, flush=True)
-    subprocess.run([_base_python(), "-m", "venv", "--clear", str(PEERS_VENV)], check=True, timeout=300)
     subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "-r", str(REQUIREMENTS)],
+        [_base_python(), "-m", "venv", "--clear", str(PEERS_VENV)], check=True, timeout=300
+    )
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+            str(REQUIREMENTS),
+        ],
         check=True,
         timeout=INSTALL_TIMEOUT_S,
     )
@@ -44,6 +54,9 @@ def peer_version(python: Path, distribution: str) -> str:
     """Installed version of a distribution in the peers' venv."""
     out = subprocess.run(
         [str(python), "-c", f"import importlib.metadata as m; print(m.version({distribution!r}))"],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return out.stdout.strip()

@@ -22,10 +22,17 @@ def limit(ctx: Context) -> dict[str, float]:
     """What this machine can push through SMTP on loopback at all: the ceiling for every ratio."""
     sink = ctx.sink()
     argv = [
-        SMTP_SOURCE, "-s", str(SESSIONS), "-m", str(ctx.messages), "-l", str(PAYLOAD_B),
-        "-d", sink.address,
+        SMTP_SOURCE,
+        "-s",
+        str(SESSIONS),
+        "-m",
+        str(ctx.messages),
+        "-l",
+        str(PAYLOAD_B),
+        "-d",
+        sink.address,
     ]
-    ctx.info["command"] = " ".join(argv[:-1] + ["127.0.0.1:PORT"])
+    ctx.info["command"] = " ".join([*argv[:-1], "127.0.0.1:PORT"])
     t0 = time.monotonic()
     source = ctx.procs.start("smtp-source", argv)
     code = source.wait(timeout_s=ctx.remaining_s())

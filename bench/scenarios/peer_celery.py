@@ -28,7 +28,9 @@ def _require_port(host: str, port: int, what: str, hint: str) -> None:
         with socket.create_connection((host, port), timeout=3):
             return
     except OSError as e:
-        raise RuntimeError(f"{what} is not reachable on {host}:{port} ({e}); start it: {hint}") from None
+        raise RuntimeError(
+            f"{what} is not reachable on {host}:{port} ({e}); start it: {hint}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -37,7 +39,9 @@ def _setup(ctx: Context) -> Iterator[dict[str, Any]]:
     python = ensure_peers_venv()
     for dist in ("celery", "kombu", "fastapi", "pydantic", "uvicorn"):
         ctx.info[dist] = peer_version(python, dist)
-    ctx.info["worker"] = f"celery worker, prefork pool, default concurrency (= {os.cpu_count()} CPUs)"
+    ctx.info["worker"] = (
+        f"celery worker, prefork pool, default concurrency (= {os.cpu_count()} CPUs)"
+    )
     ctx.info["api"] = "uvicorn, 1 process (default)"
     ctx.info["load"] = f"{CONCURRENCY} keep-alive HTTP connections, closed loop"
     yield {"python": python}
@@ -49,8 +53,12 @@ def _celery(python: Path, *args: str) -> list[str]:
 
 def _purge(python: Path, env: dict[str, str]) -> None:
     subprocess.run(
-        _celery(python, "purge", "-f", "-Q", QUEUE), cwd=PEERS_DIR, env={**os.environ, **env},
-        capture_output=True, timeout=120, check=True,
+        _celery(python, "purge", "-f", "-Q", QUEUE),
+        cwd=PEERS_DIR,
+        env={**os.environ, **env},
+        capture_output=True,
+        timeout=120,
+        check=True,
     )
 
 
@@ -58,9 +66,19 @@ def _start_api(ctx: Context, python: Path, env: dict[str, str]) -> tuple[Proc, s
     api_port = free_port()
     api = ctx.procs.start(
         "api",
-        [str(python), "-m", "uvicorn", "celery_peer.api:app", "--host", "127.0.0.1",
-         "--port", str(api_port), "--no-access-log"],
-        env=env, cwd=PEERS_DIR,
+        [
+            str(python),
+            "-m",
+            "uvicorn",
+            "celery_peer.api:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(api_port),
+            "--no-access-log",
+        ],
+        env=env,
+        cwd=PEERS_DIR,
     )
     wait_http_ready(f"http://127.0.0.1:{api_port}/health", timeout_s=min(60, ctx.remaining_s()))
     return api, f"http://127.0.0.1:{api_port}/messages"
@@ -80,31 +98,42 @@ def _run(ctx: Context, *, drain: bool) -> dict[str, float]:
     api, url = _start_api(ctx, python, env)
     bodies = ctx.message_list()
     started: dict[str, float] = {}
+    procs: dict[str, Proc] = {"api": api}
+    cpu_s: dict[str, float] = {}
 
     def start_worker() -> None:
         started["t0"] = time.monotonic()
-        ctx.procs.start(
+        procs["worker"] = ctx.procs.start(
             "worker",
             _celery(python, "worker", "-n", f"postroom-bench-{os.getpid()}@%h"),
-            env=env, cwd=PEERS_DIR,
+            env=env,
+            cwd=PEERS_DIR,
         )
 
     try:
         if drain:
             # Queue everything first (no worker running), then time the worker alone.
             load = post_all(url, bodies, concurrency=CONCURRENCY, timeout_s=ctx.remaining_s())
+            cpu_s["api"] = api.cpu_s()
             ctx.procs.stop(api)
             start_worker()
             backlog = load.accepted
         else:
             # Producer and worker at once: the worker starts with the first POST.
-            load = post_all(url, bodies, concurrency=CONCURRENCY, timeout_s=ctx.remaining_s(),
-                            on_start=start_worker)
+            load = post_all(
+                url,
+                bodies,
+                concurrency=CONCURRENCY,
+                timeout_s=ctx.remaining_s(),
+                on_start=start_worker,
+            )
             backlog = load.accepted - sink.count()
         if load.failed:
             raise RuntimeError(f"{load.failed} POSTs failed: {load.errors[:3]}")
         t_first = sink.wait_for(1, timeout_s=min(120, ctx.remaining_s()))
         t_done = sink.wait_for(ctx.messages, timeout_s=ctx.remaining_s(), stall_s=120)
+        cpu_s["worker"] = procs["worker"].cpu_s()
+        cpu_s.setdefault("api", api.cpu_s())
     finally:
         for proc in list(ctx.procs.procs):
             if proc.name in ("worker", "api"):
@@ -122,6 +151,8 @@ def _run(ctx: Context, *, drain: bool) -> dict[str, float]:
         metrics["worker_start_to_first_delivery_s"] = t_first - t0
     else:
         metrics["backlog_at_last_accept"] = float(backlog)
+    metrics["worker_cpu_ms_per_msg"] = 1000 * cpu_s["worker"] / ctx.messages
+    metrics["api_cpu_ms_per_msg"] = 1000 * cpu_s["api"] / ctx.messages
     metrics["elapsed_s"] = t_done - t0
     return metrics
 

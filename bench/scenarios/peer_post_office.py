@@ -24,7 +24,7 @@ from bench.registry import Context, scenario
 DB_NAME = "bench_post_office"
 PROCESSES = 2
 
-SETTINGS_PY = '''\
+SETTINGS_PY = """\
 import os
 
 SECRET_KEY = "postroom-bench-not-secret"
@@ -47,9 +47,9 @@ EMAIL_BACKEND = "post_office.EmailBackend"
 EMAIL_HOST = "127.0.0.1"
 EMAIL_PORT = int(os.environ.get("BENCH_SMTP_PORT", "25"))
 POST_OFFICE = {"BACKENDS": {"default": "django.core.mail.backends.smtp.EmailBackend"}}
-'''
+"""
 
-MANAGE_PY = '''\
+MANAGE_PY = """\
 import os
 import sys
 
@@ -58,10 +58,10 @@ if __name__ == "__main__":
     from django.core.management import execute_from_command_line
 
     execute_from_command_line(sys.argv)
-'''
+"""
 
 # Queues the messages the way post-office's docs suggest for bulk: one send_many call.
-BENCH_PO_PY = '''\
+BENCH_PO_PY = """\
 import json
 import os
 import sys
@@ -96,7 +96,7 @@ elif cmd == "status":
     names = {getattr(STATUS, f): f for f in STATUS._fields}
     rows = Email.objects.values_list("status").annotate(n=Count("id"))
     print(json.dumps({names.get(status, str(status)): n for status, n in rows}))
-'''
+"""
 
 
 def _require_postgres() -> None:
@@ -117,13 +117,21 @@ def _sql(python: Path, statement: str) -> None:
         "with psycopg.connect('host=127.0.0.1 port=5432 user=postgres dbname=postgres', autocommit=True) as c:\n"
         "    c.execute(sys.argv[1])\n"
     )
-    subprocess.run([str(python), "-c", code, statement], check=True, timeout=120, capture_output=True)
+    subprocess.run(
+        [str(python), "-c", code, statement], check=True, timeout=120, capture_output=True
+    )
 
 
-def _django(project: Path, python: Path, env: dict[str, str], *args: str, timeout_s: float = 300) -> str:
+def _django(
+    project: Path, python: Path, env: dict[str, str], *args: str, timeout_s: float = 300
+) -> str:
     out = subprocess.run(
-        [str(python), *args], cwd=project, env={**_base_env(), **env}, capture_output=True,
-        text=True, timeout=timeout_s,
+        [str(python), *args],
+        cwd=project,
+        env={**_base_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({out.returncode}): {out.stderr[-2000:]}")
@@ -143,7 +151,9 @@ def _setup(ctx: Context) -> Iterator[dict[str, Any]]:
     for dist in ("django-post-office", "django", "psycopg"):
         ctx.info[dist] = peer_version(python, dist)
     ctx.info["command"] = f"manage.py send_queued_mail --processes={PROCESSES}"
-    ctx.info["settings"] = "post-office defaults (BATCH_SIZE 100, THREADS_PER_PROCESS 5, LOG_LEVEL 2)"
+    ctx.info["settings"] = (
+        "post-office defaults (BATCH_SIZE 100, THREADS_PER_PROCESS 5, LOG_LEVEL 2)"
+    )
     project = ctx.work_dir / "project"
     project.mkdir()
     (project / "settings.py").write_text(SETTINGS_PY)
@@ -177,15 +187,28 @@ def peer_post_office(ctx: Context) -> dict[str, float]:
     _django(project, python, env, "bench_po.py", "reset")
     messages_file = ctx.messages_file()
     queued = json.loads(
-        _django(project, python, env, "bench_po.py", "enqueue", str(messages_file),
-                timeout_s=ctx.remaining_s())
+        _django(
+            project,
+            python,
+            env,
+            "bench_po.py",
+            "enqueue",
+            str(messages_file),
+            timeout_s=ctx.remaining_s(),
+        )
     )
     t0 = time.monotonic()
     sender = ctx.procs.start(
         "send_queued_mail",
-        [str(python), "manage.py", "send_queued_mail", f"--processes={PROCESSES}",
-         f"--lockfile={ctx.work_dir / 'post_office'}"],
-        env={**env, "PYTHONUNBUFFERED": "1"}, cwd=project,
+        [
+            str(python),
+            "manage.py",
+            "send_queued_mail",
+            f"--processes={PROCESSES}",
+            f"--lockfile={ctx.work_dir / 'post_office'}",
+        ],
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        cwd=project,
     )
     code = sender.wait(timeout_s=ctx.remaining_s())
     t1 = time.monotonic()
@@ -199,6 +222,7 @@ def peer_post_office(ctx: Context) -> dict[str, float]:
     return {
         "delivered_per_s": ctx.messages / (t1 - t0),
         "queued_per_s": queued["queued"] / queued["seconds"],
+        "sender_cpu_ms_per_msg": 1000 * (sender.exit_cpu_s or 0.0) / ctx.messages,
         "sink_complete_s": t_sink - t0,
         "elapsed_s": t1 - t0,
     }

@@ -1,9 +1,8 @@
 """The FastAPI producer: validate with pydantic, enqueue the Celery task, answer 202."""
 
+from celery_peer.tasks import send_email
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, NameEmail
-
-from celery_peer.tasks import send_email
 
 app = FastAPI(title="celery peer")
 
@@ -24,7 +23,9 @@ class Queued(BaseModel):
 # A plain "def": .delay() blocks on the broker, so FastAPI runs it in its thread pool.
 @app.post("/messages", status_code=202)
 def enqueue(email: EmailIn) -> Queued:
-    result = send_email.delay(str(email.sender), [str(a) for a in email.to], email.subject, email.text)
+    result = send_email.delay(
+        str(email.sender), [str(a) for a in email.to], email.subject, email.text
+    )
     return Queued(id=result.id)
 
 
