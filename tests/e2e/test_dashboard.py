@@ -22,9 +22,15 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 POSTROOM = [sys.executable, "-m", "postroom.cli"]
 TIMEOUT_MS = 15_000
@@ -64,8 +70,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
     )
     key = subprocess.run(
         [*POSTROOM, "keys", "create", "--name", "e2e-admin"],
-        env=env, cwd=tmp, capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.strip()  # fmt: skip
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
     assert key.startswith("pr_"), key
     log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
@@ -261,10 +272,18 @@ def test_a_scheduled_message_can_be_cancelled(page: Any) -> None:
 def test_messages_list_filters_and_pages(page: Any, server: dict[str, str]) -> None:
     h = {"Authorization": f"Bearer {server['key']}"}
     for i in range(60):
-        r = httpx.post(f"{server['base']}/v1/messages", headers=h, timeout=10, json={
-            "from": "Shop <shop@example.com>", "to": [f"customer{i}@example.org"],
-            "subject": f"Order #{1000 + i} confirmed", "text": "Thanks!", "tags": ["orders"] if i % 2 else ["receipts"],
-        })  # fmt: skip
+        r = httpx.post(
+            f"{server['base']}/v1/messages",
+            headers=h,
+            timeout=10,
+            json={
+                "from": "Shop <shop@example.com>",
+                "to": [f"customer{i}@example.org"],
+                "subject": f"Order #{1000 + i} confirmed",
+                "text": "Thanks!",
+                "tags": ["orders"] if i % 2 else ["receipts"],
+            },
+        )
         assert r.status_code == 202
     p = page
     p.goto("/messages")
@@ -292,8 +311,17 @@ def test_overview_shows_counts_and_updates_live(page: Any, server: dict[str, str
     p.evaluate("window.__no_reload = 1")
     h = {"Authorization": f"Bearer {server['key']}"}
     for i in range(5):
-        httpx.post(f"{server['base']}/v1/messages", headers=h, timeout=10, json={
-            "from": "app@example.com", "to": [f"late{i}@example.org"], "subject": "Live", "text": "x"})  # fmt: skip
+        httpx.post(
+            f"{server['base']}/v1/messages",
+            headers=h,
+            timeout=10,
+            json={
+                "from": "app@example.com",
+                "to": [f"late{i}@example.org"],
+                "subject": "Live",
+                "text": "x",
+            },
+        )
     deadline = time.monotonic() + 20
     while int(p.inner_text("[data-count=sent]").replace(",", "")) < sent_before + 5:
         assert time.monotonic() < deadline, "the sent count did not grow"

@@ -153,10 +153,18 @@ async def test_compose_enqueues_through_validate_message(env: dict[str, Any]) ->
     c, store = env["client"], env["store"]
     await login(c, env["key"])
     csrf = csrf_of((await c.get("/compose")).text)
-    r = await c.post("/compose", data={
-        "csrf": csrf, "from": "Shop <shop@example.com>", "to": '"Lovelace, Ada" <ada@example.org>, bob@example.org',
-        "subject": "Hi", "text": "Hello", "priority": "high", "tags": "welcome, signup",
-    })  # fmt: skip
+    r = await c.post(
+        "/compose",
+        data={
+            "csrf": csrf,
+            "from": "Shop <shop@example.com>",
+            "to": '"Lovelace, Ada" <ada@example.org>, bob@example.org',
+            "subject": "Hi",
+            "text": "Hello",
+            "priority": "high",
+            "tags": "welcome, signup",
+        },
+    )
     assert r.status_code == 303
     mid = r.headers["location"].split("/")[2].split("?")[0]
     rec = await store.get(mid)
@@ -176,11 +184,26 @@ async def test_compose_shows_the_validation_error_beside_its_field(env: dict[str
     )
     assert r.status_code == 422
     assert re.search(r'id="error-to"[^>]*>[^<]*nope', r.text)
-    r = await c.post("/compose", data={"csrf": csrf, "from": "shop@example.com", "to": "a@example.org",
-                                       "send_at": "tomorrow"})  # fmt: skip
+    r = await c.post(
+        "/compose",
+        data={
+            "csrf": csrf,
+            "from": "shop@example.com",
+            "to": "a@example.org",
+            "send_at": "tomorrow",
+        },
+    )
     assert 'id="error-text"' in r.text  # no body: named on the text field
-    r = await c.post("/compose", data={"csrf": csrf, "from": "shop@example.com", "to": "a@example.org",
-                                       "text": "x", "send_at": "tomorrow"})  # fmt: skip
+    r = await c.post(
+        "/compose",
+        data={
+            "csrf": csrf,
+            "from": "shop@example.com",
+            "to": "a@example.org",
+            "text": "x",
+            "send_at": "tomorrow",
+        },
+    )
     assert 'id="error-send_at"' in r.text
 
 
@@ -188,8 +211,16 @@ async def test_cancel_and_retry_from_the_message_page(env: dict[str, Any]) -> No
     c, store = env["client"], env["store"]
     await login(c, env["key"])
     csrf = csrf_of((await c.get("/compose")).text)
-    r = await c.post("/compose", data={"csrf": csrf, "from": "a@example.com", "to": "b@example.org",
-                                       "text": "x", "send_at": "2099-01-01T09:00"})  # fmt: skip
+    r = await c.post(
+        "/compose",
+        data={
+            "csrf": csrf,
+            "from": "a@example.com",
+            "to": "b@example.org",
+            "text": "x",
+            "send_at": "2099-01-01T09:00",
+        },
+    )
     mid = r.headers["location"].split("/")[2].split("?")[0]
     assert (await store.get(mid)).status is Status.SCHEDULED
     r = await c.post(f"/messages/{mid}/cancel", data={"csrf": csrf})

@@ -16,8 +16,8 @@ import hmac
 import logging
 import secrets
 import time
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson

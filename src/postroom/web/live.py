@@ -4,7 +4,7 @@ One `Monitor` per app samples `Store.stats()` on its own schedule (every SAMPLE_
 watches, every IDLE_SAMPLE_S otherwise) and every open page reads the latest sample: ten open
 dashboards cost the database what one costs.
 
-Throughput comes from `Store.throughput(since, bucket_s)` when the store has it (exact, from the
+Throughput comes from `Store.throughput(since, step_s)` when the store has it (exact, from the
 timeline, across restarts); otherwise from the differences between samples of the status counts
 kept in memory since this process started (sent and failed exactly; retried as the rise of the
 `retrying` count, a lower bound).
@@ -31,9 +31,10 @@ __all__ = ["RANGES", "Monitor", "Panel"]
 
 log = logging.getLogger(__name__)
 
-# range name -> (window seconds, bucket seconds)
+# range name -> (window seconds, bucket seconds); buckets are multiples of 10 s, the resolution
+# of the store's throughput counters
 RANGES: dict[str, tuple[int, int]] = {
-    "15m": (15 * 60, 15),
+    "15m": (15 * 60, 20),
     "1h": (3600, 60),
     "6h": (6 * 3600, 300),
     "24h": (24 * 3600, 1200),
@@ -146,6 +147,7 @@ class Monitor:
         self._fresh = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self.closing = asyncio.Event()
+        self._charts: dict[str, tuple[float, dict[str, Any]]] = {}
 
     # -- lifecycle (owned by the app's lifespan) ---------------------------------------------
     def start(self) -> None:
@@ -209,6 +211,15 @@ class Monitor:
         return self.latest
 
     async def throughput(self, range_name: str) -> dict[str, Any]:
+        """The chart's data; every open page shares one answer per range and sample interval."""
+        hit = self._charts.get(range_name)
+        if hit is not None and time.monotonic() - hit[0] < self.SAMPLE_S * 0.9:
+            return hit[1]
+        chart = await self._throughput(range_name)
+        self._charts[range_name] = (time.monotonic(), chart)
+        return chart
+
+    async def _throughput(self, range_name: str) -> dict[str, Any]:
         window_s, bucket_s = RANGES.get(range_name, RANGES["15m"])
         now = time.time()
         end = (int(now // bucket_s) + 1) * bucket_s
@@ -217,7 +228,7 @@ class Monitor:
         source = getattr(self.store, "throughput", None)
         if callable(source):
             try:
-                rows = await _maybe_await(source(since=start, bucket_s=bucket_s))
+                rows = await _maybe_await(source(start, bucket_s))
                 return self._from_store(rows, start, bucket_s, n, range_name)
             except Exception as e:
                 log.warning("dashboard: Store.throughput failed, using samples: %s", e)
@@ -248,7 +259,7 @@ class Monitor:
         series: dict[str, list[int]] = {"sent": [0] * n, "failed": [0] * n, "retried": [0] * n}
         for row in rows or ():
             r = _plain(row)
-            at = r.get("at", r.get("start", r.get("bucket")))
+            at = _first(r, "t", "at", "start", "bucket")
             if not isinstance(at, (int, float)):
                 continue
             i = int((at - start) // bucket_s)

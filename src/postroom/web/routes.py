@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
+from html import unescape as html_unescape
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlencode
@@ -55,8 +56,12 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-NAV = [("overview", "/", "Overview"), ("compose", "/compose", "Compose"),
-       ("messages", "/messages", "Messages"), ("inbox", "/inbox", "Inbox")]  # fmt: skip
+NAV = [
+    ("overview", "/", "Overview"),
+    ("compose", "/compose", "Compose"),
+    ("messages", "/messages", "Messages"),
+    ("inbox", "/inbox", "Inbox"),
+]
 FORM_FIELDS = ("from", "to", "cc", "subject", "text", "html", "priority", "send_at", "tags")
 
 
@@ -169,6 +174,21 @@ def _body_parts(mime: bytes) -> dict[str, Any]:
     return out
 
 
+def _preview(mime: bytes, length: int = 160) -> str:
+    """The first words of a message, for the inbox list."""
+    parsed = message_from_bytes(mime, policy=policy.default)
+    part = parsed.get_body(("plain", "html"))
+    try:
+        text = part.get_content() if part is not None else ""
+    except (LookupError, ValueError):
+        return ""
+    if part is not None and part.get_content_type() == "text/html":
+        text = re.sub(r"(?is)<(script|style)\b.*?</\1>|<[^>]+>", " ", text)
+        text = html_unescape(text)
+    text = " ".join(text.split())
+    return text[:length] + ("…" if len(text) > length else "")
+
+
 # -- mount -----------------------------------------------------------------------------------
 def mount(app: FastAPI, settings: Settings, store: Store) -> None:
     """Add the dashboard to `app`: pages at /, static files at /static, live feeds under /live."""
@@ -181,21 +201,31 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
     )
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
-    env.globals.update(version=__version__, nav=NAV, ranges=list(RANGES), Status=Status,
-                       CANCELLABLE=CANCELLABLE, TERMINAL=TERMINAL)  # fmt: skip
-    env.filters.update(addr=_addr, time=_time, utc=_utc, size=_size,
-                       priority=lambda p: Priority(p).label)  # fmt: skip
+    env.globals.update(
+        version=__version__,
+        nav=NAV,
+        ranges=list(RANGES),
+        Status=Status,
+        CANCELLABLE=CANCELLABLE,
+        TERMINAL=TERMINAL,
+    )
+    env.filters.update(
+        addr=_addr, time=_time, utc=_utc, size=_size, priority=lambda p: Priority(p).label
+    )
     app.state.dashboard_monitor = monitor
     _own_lifespan(app, monitor)
 
     r = APIRouter(include_in_schema=False)
 
-    def page(request: Request, name: str, session: Session | None, status: int = 200,
-             **ctx: Any) -> HTMLResponse:  # fmt: skip
+    def page(
+        request: Request, name: str, session: Session | None, status: int = 200, **ctx: Any
+    ) -> HTMLResponse:
         resp = templates.TemplateResponse(
-            request, name, {"session": session, "csrf": session.csrf if session else "", **ctx},
+            request,
+            name,
+            {"session": session, "csrf": session.csrf if session else "", **ctx},
             status_code=status,
-        )  # fmt: skip
+        )
         resp.headers.update(SECURITY_HEADERS)
         return resp
 
@@ -221,8 +251,14 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
             except NotFound as e:
                 return page(request, "error.html", session, 404, title="Not found", detail=str(e))
             except StoreUnavailable as e:
-                return page(request, "error.html", session, 503, title="Database unavailable",
-                            detail=f"The database is not reachable right now: {e}")  # fmt: skip
+                return page(
+                    request,
+                    "error.html",
+                    session,
+                    503,
+                    title="Database unavailable",
+                    detail=f"The database is not reachable right now: {e}",
+                )
 
         wrapped.__name__ = fn.__name__
         wrapped.__signature__ = _signature_without_session(fn)  # type: ignore[attr-defined]
@@ -237,10 +273,25 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
 
     def _login_page(request: Request, nxt: str, error: str | None, status: int) -> Response:
         token = auth.sessions.sign({"login": True})
-        resp = page(request, "login.html", None, status, login_csrf=token, next=_safe_next(nxt),
-                    error=error, password_enabled=bool(settings.dashboard_password))  # fmt: skip
-        resp.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=3600, httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https", path="/login")  # fmt: skip
+        resp = page(
+            request,
+            "login.html",
+            None,
+            status,
+            login_csrf=token,
+            next=_safe_next(nxt),
+            error=error,
+            password_enabled=bool(settings.dashboard_password),
+        )
+        resp.set_cookie(
+            LOGIN_CSRF_COOKIE,
+            token,
+            max_age=3600,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/login",
+        )
         return resp
 
     @r.post("/login")
@@ -249,8 +300,11 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
         nxt = str(form.get("next") or "/")
         cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
         given = form.get("csrf")
-        if (not cookie or not auth.csrf_ok(cookie, given)
-                or auth.sessions.unsign(cookie, max_age_s=3600) is None):  # fmt: skip
+        if (
+            not cookie
+            or not auth.csrf_ok(cookie, given)
+            or auth.sessions.unsign(cookie, max_age_s=3600) is None
+        ):
             return _login_page(request, nxt, "The login form expired. Please try again.", 400)
         session = await auth.login(str(form.get("secret") or ""))
         if session is None:
@@ -289,8 +343,15 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
         rng = request.query_params.get("range", "15m")
         rng = rng if rng in RANGES else "15m"
         parts = await overview_parts(rng)
-        return page(request, "overview.html", session, active="overview", range=rng,
-                    parts=parts, chart_json=orjson.dumps(parts["chart"]).decode())  # fmt: skip
+        return page(
+            request,
+            "overview.html",
+            session,
+            active="overview",
+            range=rng,
+            parts=parts,
+            chart_json=orjson.dumps(parts["chart"]).decode(),
+        )
 
     r.add_api_route("/", view(overview), methods=["GET"])
 
@@ -318,8 +379,15 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
             body = form_to_message(form)
             msg = validate_message(body, limits=limits, source="dashboard")
         except ValidationError as e:
-            return page(request, "compose.html", session, 422, active="compose", values=form,
-                        errors={_field_of(e.field): e.message})  # fmt: skip
+            return page(
+                request,
+                "compose.html",
+                session,
+                422,
+                active="compose",
+                values=form,
+                errors={_field_of(e.field): e.message},
+            )
         if session.who.startswith("key:"):
             msg.key_id = session.who[4:]
         (res,) = await store.enqueue([msg])
@@ -335,8 +403,12 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
         q = request.query_params
         f = {k: q.get(k, "").strip() for k in ("status", "tag", "to", "since", "until", "cursor")}
         error = None
-        flt = MessageFilter(limit=PAGE_SIZE, cursor=f["cursor"] or None,
-                            tag=f["tag"][:64] or None, to=f["to"][:320] or None)  # fmt: skip
+        flt = MessageFilter(
+            limit=PAGE_SIZE,
+            cursor=f["cursor"] or None,
+            tag=f["tag"][:64] or None,
+            to=f["to"][:320] or None,
+        )
         try:
             if f["status"]:
                 flt.status = Status(f["status"])
@@ -352,12 +424,24 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
         keep = {k: v for k, v in f.items() if v and k != "cursor"}
         if q.get("tz_offset"):
             keep["tz_offset"] = q["tz_offset"]
-        next_url = ("/messages?" + urlencode({**keep, "cursor": page_.next_cursor})
-                    if page_.next_cursor else None)  # fmt: skip
+        next_url = (
+            "/messages?" + urlencode({**keep, "cursor": page_.next_cursor})
+            if page_.next_cursor
+            else None
+        )
         first_url = "/messages?" + urlencode(keep) if f["cursor"] else None
-        return page(request, "messages.html", session, active="messages", items=page_.items,
-                    filters=f, next_url=next_url, first_url=first_url, error=error,
-                    statuses=[s.value for s in Status])  # fmt: skip
+        return page(
+            request,
+            "messages.html",
+            session,
+            active="messages",
+            items=page_.items,
+            filters=f,
+            next_url=next_url,
+            first_url=first_url,
+            error=error,
+            statuses=[s.value for s in Status],
+        )
 
     r.add_api_route("/messages", view(messages), methods=["GET"])
 
@@ -378,12 +462,23 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
 
     async def message(request: Request, session: Session, message_id: str) -> Response:
         rec = await store.get(message_id)
-        notice = {"sent": "Message accepted.", "cancelled": "Message cancelled.",
-                  "retried": "Message queued for another try."}  # fmt: skip
+        notice = {
+            "sent": "Message accepted.",
+            "cancelled": "Message cancelled.",
+            "retried": "Message queued for another try.",
+        }
         flash = next((v for k, v in notice.items() if request.query_params.get(k)), None)
         error = request.query_params.get("error")
-        return page(request, "message.html", session, active="messages", m=rec,
-                    parts=message_parts(rec), flash=flash, error=error)  # fmt: skip
+        return page(
+            request,
+            "message.html",
+            session,
+            active="messages",
+            m=rec,
+            parts=message_parts(rec),
+            flash=flash,
+            error=error,
+        )
 
     r.add_api_route("/messages/{message_id}", view(message), methods=["GET"])
 
@@ -409,8 +504,9 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
     r.add_api_route("/live/messages/{message_id}", live(auth, live_message), methods=["GET"])
 
     def message_action(kind: str) -> Handler:
-        async def act(request: Request, session: Session, form: dict[str, str],
-                      message_id: str) -> Response:  # fmt: skip
+        async def act(
+            request: Request, session: Session, form: dict[str, str], message_id: str
+        ) -> Response:
             try:
                 if kind == "cancel":
                     await store.cancel(message_id)
@@ -427,8 +523,11 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
         return act
 
     for kind in ("cancel", "retry"):
-        r.add_api_route(f"/messages/{{message_id}}/{kind}",
-                        view(_csrf(auth, page, message_action(kind))), methods=["POST"])  # fmt: skip
+        r.add_api_route(
+            f"/messages/{{message_id}}/{kind}",
+            view(_csrf(auth, page, message_action(kind))),
+            methods=["POST"],
+        )
 
     # -- inbox ------------------------------------------------------------------------------
     async def inbox(request: Request, session: Session) -> Response:
@@ -439,8 +538,17 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
         more = len(items) > PAGE_SIZE
         items = items[:PAGE_SIZE]
         next_url = "/inbox?" + urlencode({"before": items[-1].id}) if more else None
-        return page(request, "inbox.html", session, active="inbox", items=items,
-                    next_url=next_url, first_url="/inbox" if before else None)  # fmt: skip
+        previews = await asyncio.to_thread(lambda: {m.id: _preview(m.mime) for m in items})
+        return page(
+            request,
+            "inbox.html",
+            session,
+            active="inbox",
+            items=items,
+            previews=previews,
+            next_url=next_url,
+            first_url="/inbox" if before else None,
+        )
 
     async def inbox_item(request: Request, session: Session, capture_id: str) -> Response:
         mail: CapturedMail = await store.inbox_get(capture_id)
@@ -449,8 +557,14 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
 
     async def inbox_raw(request: Request, session: Session, capture_id: str) -> Response:
         mail = await store.inbox_get(capture_id)
-        return Response(mail.mime, media_type="message/rfc822", headers={
-            "Content-Disposition": f'attachment; filename="{mail.id}.eml"', **SECURITY_HEADERS})  # fmt: skip
+        return Response(
+            mail.mime,
+            media_type="message/rfc822",
+            headers={
+                "Content-Disposition": f'attachment; filename="{mail.id}.eml"',
+                **SECURITY_HEADERS,
+            },
+        )
 
     r.add_api_route("/inbox", view(inbox), methods=["GET"])
     r.add_api_route("/inbox/{capture_id}", view(inbox_item), methods=["GET"])
@@ -484,9 +598,15 @@ def _csrf(
     async def wrapped(request: Request, session: Session, **kw: Any) -> Response:
         form = await request.form()
         if not auth.csrf_ok(session.csrf, form.get("csrf")):
-            return page(request, "error.html", session, 403, title="Form expired",
-                        detail="This form is missing its security token or it is out of date. "
-                               "Go back, reload the page and try again.")  # fmt: skip
+            return page(
+                request,
+                "error.html",
+                session,
+                403,
+                title="Form expired",
+                detail="This form is missing its security token or it is out of date. "
+                "Go back, reload the page and try again.",
+            )
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
         return await fn(request, session, form=fields, **kw)
 

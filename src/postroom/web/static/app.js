@@ -143,7 +143,7 @@
       }
     }
     // time labels
-    const ticks = Math.min(6, n);
+    const ticks = Math.max(2, Math.min(6, n, Math.floor((W - L) / 70)));
     for (let j = 0; j <= ticks; j++) {
       const i = Math.round((j * n) / ticks);
       const t = new Date((data.start + i * data.bucket_s) * 1000);
@@ -245,7 +245,18 @@
     window.addEventListener("pagehide", () => source && source.close());
   }
 
+  // a notice such as "Message accepted." belongs to the redirect, not to the address
+  function dropNoticeFromUrl() {
+    const url = new URL(window.location.href);
+    let changed = false;
+    for (const k of ["sent", "cancelled", "retried", "error"]) {
+      if (url.searchParams.has(k)) { url.searchParams.delete(k); changed = true; }
+    }
+    if (changed) history.replaceState(null, "", url.pathname + (url.search || ""));
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
+    dropNoticeFromUrl();
     localizeTimes();
     fillTimeZones();
     initTabs();
