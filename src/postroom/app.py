@@ -44,7 +44,13 @@ def build_store(settings: Settings) -> Store:
         from postroom.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         raise ConfigError("database_url", "PostgreSQL support is not available in this build") from None
-    return PostgresStore(url)  # type: ignore[no-any-return,unused-ignore]
+    return PostgresStore(  # type: ignore[no-any-return,unused-ignore]
+        url,
+        min_size=1,
+        max_size=settings.database_pool_size,
+        timeout_s=settings.database_timeout_s,
+        open_timeout_s=settings.database_timeout_s,
+    )
 
 
 def build_provider(p: ProviderSettings, store: Store) -> Provider:
@@ -242,6 +248,8 @@ def build_worker(settings: Settings, store: Store, router: Router, *, name: str 
         lease_s=w.lease_s,
         idle_poll_s=w.idle_poll_s,
         drain_timeout_s=w.drain_timeout_s,
+        heartbeat_s=w.heartbeat_s,
+        stale_after_s=w.stale_after_s,
     )
 
 

@@ -110,6 +110,7 @@ def run(ctx: click.Context, host: str | None, port: int | None) -> None:
     """API and worker in one process (the quick start)."""
     settings = _settings(ctx, host=host, port=port)
     _logging(settings)
+    _check_schema(settings)
     _serve(settings, with_worker=True)
 
 
@@ -121,6 +122,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """The API alone (run workers with `postroom worker`)."""
     settings = _settings(ctx, host=host, port=port)
     _logging(settings)
+    _check_schema(settings)
     _serve(settings, with_worker=False)
 
 
@@ -145,16 +147,87 @@ async def _run_worker(settings: Settings, name: str | None) -> None:
 
 
 @main.command()
-@click.option("--concurrency", type=int, help="sends in flight (default 64)")
-@click.option("--name", help="worker name (default host:pid)")
+@click.option("--concurrency", type=int, help="sends in flight per process (default 64)")
+@click.option("--processes", type=int, help="worker processes to run (default 1; restarted if they die)")
+@click.option("--name", help="worker name (default host:pid; with --processes N, NAME-1 … NAME-N)")
 @click.pass_context
-def worker(ctx: click.Context, concurrency: int | None, name: str | None) -> None:
+def worker(ctx: click.Context, concurrency: int | None, processes: int | None, name: str | None) -> None:
     """Run a worker: claim queued messages and deliver them. SIGTERM drains."""
     settings = _settings(ctx)
     if concurrency:
         settings.worker.concurrency = concurrency
     _logging(settings)
-    _uvloop_run(_run_worker(settings, name))
+    _check_schema(settings)
+    n = processes or settings.worker.processes
+    if n > 1:
+        _run_processes(ctx, n, concurrency, name)
+        return
+    try:
+        _uvloop_run(_run_worker(settings, name))
+    except PostroomError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _run_processes(ctx: click.Context, n: int, concurrency: int | None, name: str | None) -> None:
+    """Supervise `n` single-process workers: forward SIGTERM/SIGINT to them and wait for them to
+    drain; one that dies unexpectedly (a crash, the OOM killer) is started again."""
+    import subprocess
+    import time
+
+    base = [sys.executable, "-m", "postroom.cli"]
+    if ctx.obj.get("config"):
+        base += ["--config", ctx.obj["config"]]
+    base += ["worker", "--processes", "1"]
+    if concurrency:
+        base += ["--concurrency", str(concurrency)]
+
+    def start(i: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(base + (["--name", f"{name}-{i + 1}"] if name else []))
+
+    children = [start(i) for i in range(n)]
+    stopping = False
+
+    def forward(signum: int, _: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("started %d worker processes: %s", n, ", ".join(str(c.pid) for c in children))
+    while True:
+        if stopping:
+            for c in children:
+                c.wait()
+            return
+        for i, c in enumerate(children):
+            rc = c.poll()
+            if rc is not None and not stopping:
+                log.warning("worker process %d exited with %s; starting another", c.pid, rc)
+                time.sleep(0.5)
+                if not stopping:
+                    children[i] = start(i)
+        time.sleep(0.2)
+
+
+def _check_schema(settings: Settings) -> None:
+    """Refuse to start on a database whose schema is not current (`postroom migrate` fixes it).
+    A new SQLite file is created on the spot, so the embedded mode needs no step."""
+    from postroom.app import build_store
+
+    async def go() -> None:
+        store = build_store(settings)
+        await store.open()
+        await store.close()
+
+    try:
+        asyncio.run(go())
+    except ConfigError as e:
+        raise click.ClickException(e.message) from None
+    except PostroomError as e:
+        raise click.ClickException(f"cannot use the database {settings.database_url}: {e}") from None
 
 
 def _uvloop_run(coro: Any) -> None:
@@ -287,14 +360,22 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
 @main.command()
 @click.pass_context
 def migrate(ctx: click.Context) -> None:
-    """Create or upgrade the database schema."""
+    """Create or upgrade the database schema (safe to run from several hosts at once)."""
+    from postroom.store.migrations import upgrade
+
     settings = _settings(ctx)
-
-    async def go(store: Any) -> None:
-        return None  # opening the store applies the schema
-
-    _with_store(ctx, go)
-    click.echo(f"schema is up to date ({settings.database_url})")
+    _logging(settings)
+    try:
+        before, after = upgrade(settings.database_url)
+    except Exception as e:
+        raise click.ClickException(f"migration failed on {settings.database_url}: {e}") from None
+    if before == after:
+        click.echo(f"schema is up to date at revision {after} ({settings.database_url})")
+    else:
+        click.echo(
+            f"schema is up to date at revision {after}, upgraded from {before or 'an empty database'}"
+            f" ({settings.database_url})"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -127,7 +127,11 @@ class WorkerSettings(BaseModel):
     lease_s: float = Field(60.0, gt=0, description="how long a claim holds before another worker may take it")
     idle_poll_s: float = Field(1.0, gt=0, description="longest sleep between claims when idle")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight sends may finish")
-    processes: int = Field(1, ge=1, le=64)
+    processes: int = Field(1, ge=1, le=64, description="worker processes `postroom worker` starts")
+    heartbeat_s: float = Field(5.0, gt=0, description="how often a worker refreshes its registry row")
+    stale_after_s: float = Field(
+        30.0, gt=0, description="a worker silent this long is gone: its leases are released early"
+    )
 
 
 class RetrySettings(BaseModel):
@@ -165,6 +169,8 @@ class Settings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     domains: dict[str, DomainSettings] = Field(default_factory=dict)
     sqlite_synchronous: Literal["FULL", "NORMAL", "OFF"] = "FULL"
+    database_pool_size: int = Field(10, ge=1, le=1000, description="PostgreSQL connections per process")
+    database_timeout_s: float = Field(10.0, gt=0, description="longest wait for one database call")
     redis_url: str | None = None
     log_level: str = "info"
     default_from: str = "Postroom <postroom@example.com>"  # `postroom send` without --from

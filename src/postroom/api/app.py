@@ -355,6 +355,32 @@ def create_app(
     async def stats(_: ApiKey = Depends(api_key)) -> Response:
         return ORJSONResponse(await store.stats())
 
+    @app.get("/v1/workers", tags=["workers"], summary="Running worker processes (the registry)")
+    async def workers(_: ApiKey = Depends(api_key)) -> Response:
+        from postroom.api.views import iso
+
+        now = time.time()
+        stale_s = settings.worker.stale_after_s
+        return ORJSONResponse(
+            {
+                "items": [
+                    {
+                        "name": w.name,
+                        "host": w.host,
+                        "pid": w.pid,
+                        "started_at": iso(w.started_at),
+                        "last_heartbeat_at": iso(w.heartbeat_at),
+                        "alive": now - w.heartbeat_at < stale_s,
+                        "concurrency": w.concurrency,
+                        "in_flight": w.in_flight,
+                        "sent": w.sent,
+                        "failed": w.failed,
+                    }
+                    for w in await store.list_workers()
+                ]
+            }
+        )
+
     @app.get("/v1/inbox", tags=["inbox"], summary="Messages delivered by the capture provider")
     async def inbox(
         _: ApiKey = Depends(api_key),

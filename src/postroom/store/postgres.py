@@ -72,6 +72,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 
 _NOW = "(SELECT extract(epoch FROM clock_timestamp())::float8)"
+BUCKET_S = 10  # schema.THROUGHPUT_BUCKET_S: the throughput counters' resolution
+_BUCKET = f"(floor({_NOW} / {BUCKET_S}) * {BUCKET_S})::int8"
 _MSG_COLS = (
     "m.id, m.status, m.priority, m.next_at, m.created_at, m.updated_at, m.attempts, m.source,"
     " c.content, m.provider, m.provider_message_id, m.last_code, m.last_text, m.sent_at"
@@ -96,6 +98,10 @@ WITH src AS (
     INSERT INTO message_content (id, content) SELECT src.id, src.content FROM src JOIN ins USING (id)
 ), ev AS (
     INSERT INTO events (message_id, at, type) SELECT id, created_at, status FROM ins
+), counted AS (
+    INSERT INTO throughput (bucket, kind, n)
+    SELECT {_BUCKET}, 'accepted', count(*) FROM ins HAVING count(*) > 0
+    ON CONFLICT (bucket, kind) DO UPDATE SET n = throughput.n + excluded.n
 )
 SELECT array(SELECT id FROM ins) AS ids, pg_notify('{CHANNEL}', '') AS notified
 """
@@ -156,7 +162,15 @@ o AS (
         attempts = m.attempts - o.requeue
     FROM o, now
     WHERE m.id = o.id AND m.lease_token = o.token AND m.status = 'sending'
-    RETURNING o.idx
+    RETURNING o.idx, o.status
+), counted AS (
+    INSERT INTO throughput (bucket, kind, n)
+    SELECT {_BUCKET}, kind, count(*) FROM (
+        SELECT CASE status WHEN 'sent' THEN 'sent' WHEN 'retrying' THEN 'retried' ELSE 'failed' END
+            AS kind
+        FROM upd WHERE status IN ('sent', 'failed', 'retrying', 'suppressed')
+    ) k GROUP BY kind ORDER BY kind  -- one lock order for the shared counter rows
+    ON CONFLICT (bucket, kind) DO UPDATE SET n = throughput.n + excluded.n
 ), e AS (
     SELECT * FROM unnest($10::int8[], $11::text[], $12::float8[], $13::text[], $14::text[],
                          $15::text[], $16::int4[], $17::text[])
@@ -186,6 +200,11 @@ locked AS (
     FOR UPDATE OF m SKIP LOCKED
 )
 UPDATE messages m SET next_at = {_NOW} + $3 FROM locked WHERE m.id = locked.id
+"""
+
+_STATE_LOCK_SQL = """
+SELECT count(pg_advisory_xact_lock(hashtext('postroom:' || k)))
+FROM (SELECT k FROM unnest($1::text[]) AS k ORDER BY k) s
 """
 
 _NEXT_DUE_SQL = """
@@ -674,15 +693,17 @@ class PostgresStore:
                 "SELECT count(*) FROM messages WHERE next_at <= $1 AND status != 'sending'", now
             )
             recent = {}
-            for label, since in (("last_minute", now - 60), ("last_hour", now - 3600)):
+            bucket = int(now // BUCKET_S) * BUCKET_S
+            for label, span in (("last_minute", 60), ("last_hour", 3600)):
                 counts = dict(
                     await conn.fetch(
-                        "SELECT status, count(*) FROM messages WHERE updated_at >= $1"
-                        " AND status IN ('sent', 'failed') GROUP BY status",
-                        since,
+                        "SELECT kind, sum(n)::int8 FROM throughput WHERE bucket > $1 GROUP BY kind",
+                        bucket - span,
                     )
                 )
-                recent[label] = {"sent": counts.get("sent", 0), "failed": counts.get("failed", 0)}
+                recent[label] = {
+                    k: counts.get(k, 0) for k in ("accepted", "sent", "failed", "retried")
+                }
             return {
                 "by_status": by_status,
                 "queue_depth": by_status["queued"]
@@ -694,6 +715,75 @@ class PostgresStore:
             }
 
         return await self._run(q)
+
+    async def throughput(self, since: float, step_s: int = 60) -> list[dict[str, Any]]:
+        """Counts per `step_s` interval from `since` to now (oldest first, empty ones included)."""
+        step_s = max(BUCKET_S, step_s // BUCKET_S * BUCKET_S)
+        start = int(since // step_s) * step_s
+        rows = await self._run(
+            lambda c: c.fetch("SELECT bucket, kind, n FROM throughput WHERE bucket >= $1", start),
+            tx=False,
+        )
+        n = int((time.time() - start) // step_s) + 1
+        series: list[dict[str, Any]] = [
+            {"t": start + i * step_s, "accepted": 0, "sent": 0, "failed": 0, "retried": 0}
+            for i in range(n)
+        ]
+        for bucket, kind, count in rows:
+            i = (int(bucket) - start) // step_s
+            if 0 <= i < n and kind in series[i]:
+                series[i][kind] += int(count)
+        return series
+
+    # -- routing state (rate limits, throttles, snapshots shared by every process) ----------
+    async def state_update(
+        self,
+        keys: Sequence[str],
+        fn: Callable[[dict[str, str]], tuple[dict[str, tuple[str, float | None]], T]],
+    ) -> T:
+        """Read `keys`, let `fn` decide the writes, write them: atomically. Concurrent updates of
+        the same keys take turns (transaction-scoped advisory locks, taken in key order)."""
+
+        async def tx(conn: asyncpg.Connection) -> T:
+            rows: dict[str, str] = {}
+            if keys:
+                await conn.execute(_STATE_LOCK_SQL, sorted(set(keys)))
+                rows = {
+                    r[0]: r[1]
+                    for r in await conn.fetch(
+                        "SELECT key, value FROM routing_state WHERE key = ANY($1::text[])"
+                        f" AND (expires_at IS NULL OR expires_at > {_NOW})",
+                        list(keys),
+                    )
+                }
+            writes, result = fn(rows)
+            if writes:
+                items = sorted(writes.items())
+                await conn.execute(
+                    "INSERT INTO routing_state (key, value, expires_at)"
+                    " SELECT * FROM unnest($1::text[], $2::text[], $3::float8[])"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+                    " expires_at = excluded.expires_at",
+                    [k for k, _ in items],
+                    [v for _, (v, _) in items],
+                    [exp for _, (_, exp) in items],
+                )
+                if any(exp is not None for _, exp in writes.values()):
+                    await conn.execute(f"DELETE FROM routing_state WHERE expires_at < {_NOW}")
+            return result
+
+        return await self._run(tx)
+
+    async def state_scan(self, prefix: str) -> dict[str, str]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT key, value FROM routing_state WHERE left(key, length($1)) = $1"
+                f" AND (expires_at IS NULL OR expires_at > {_NOW})",
+                prefix,
+            ),
+            tx=False,
+        )
+        return {r[0]: r[1] for r in rows}
 
     # -- API keys ---------------------------------------------------------------------------
     async def create_key(self, name: str, role: str = "admin") -> tuple[ApiKey, str]:

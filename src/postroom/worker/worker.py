@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from postroom.domain.batching import GroupCommit
 from postroom.domain.errors import Deferred, PermanentError, ProviderError, TransientError
 from postroom.domain.model import ClaimedMessage, Event, Outcome, Outgoing, Status
-from postroom.domain.ports import Router, Store
+from postroom.domain.ports import Router, Store, WorkerInfo
 from postroom.domain.retry import RetryPolicy
 
 __all__ = ["Worker", "WorkerCounters"]
@@ -58,6 +58,8 @@ class Worker:
         lease_s: float = 60.0,
         idle_poll_s: float = 1.0,
         drain_timeout_s: float = 30.0,
+        heartbeat_s: float = 5.0,
+        stale_after_s: float = 30.0,
     ) -> None:
         self.store = store
         self.router = router
@@ -68,6 +70,8 @@ class Worker:
         self.lease_s = lease_s
         self.idle_poll_s = idle_poll_s
         self.drain_timeout_s = drain_timeout_s
+        self.heartbeat_s = heartbeat_s
+        self.stale_after_s = stale_after_s
         self.counters = WorkerCounters()
         self._inflight: dict[str, tuple[ClaimedMessage, asyncio.Task[None]]] = {}
         self._room = asyncio.Event()
@@ -86,16 +90,49 @@ class Worker:
     async def _record(self, outcomes: list[Outcome]) -> list[bool]:
         return await self.store.record(outcomes, worker=self.name)
 
+    def info(self) -> WorkerInfo:
+        """This worker as the registry shows it (GET /v1/workers)."""
+        return WorkerInfo(
+            name=self.name,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self.counters.started_at,
+            concurrency=self.concurrency,
+            in_flight=len(self._inflight),
+            sent=self.counters.sent,
+            failed=self.counters.failed,
+        )
+
     async def run(self) -> None:
         renew = asyncio.create_task(self._renew_leases(), name=f"{self.name}-leases")
+        beat = asyncio.create_task(self._heartbeat(), name=f"{self.name}-heartbeat")
         try:
             await self._claim_loop()
         finally:
             await self._drain()
-            renew.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renew
+            for task in (renew, beat):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self._recorder.close()
+            try:
+                await self.store.remove_worker(self.name)
+            except Exception as e:  # the row goes stale and another worker removes it
+                log.warning("could not leave the worker registry: %s", e)
+
+    async def _heartbeat(self) -> None:
+        """Register, then refresh the registry row every `heartbeat_s`; on each beat also end the
+        leases of workers whose heartbeat is older than `stale_after_s` (killed, or paused), so
+        their messages go out again well before their leases would expire."""
+        while True:
+            try:
+                await self.store.heartbeat(self.info())
+                released = await self.store.release_stale(self.stale_after_s)
+                if released:
+                    log.warning("released %d messages held by workers that stopped beating", released)
+            except Exception as e:
+                log.warning("heartbeat failed: %s", e)
+            await asyncio.sleep(self.heartbeat_s)
 
     async def _claim_loop(self) -> None:
         backoff_s = 0.1

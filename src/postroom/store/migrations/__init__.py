@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from alembic.script import ScriptDirectory
 
 from postroom.domain.errors import ConfigError
 from postroom.store import schema
+
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 __all__ = [
     "SchemaOutOfDate",
