@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from email_validator import EmailNotValidError, validate_email
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postroom.domain.addresses import (
+    NAME_MAX,
     RESERVED_HEADERS,
+    check_content_id,
+    check_content_type,
     check_header,
     check_text,
     parse_address,
@@ -226,6 +230,27 @@ def test_other_types_are_refused(value: object) -> None:
 def test_long_values_are_cut_in_messages() -> None:
     e = rejected("x" * 5000)
     assert len(e.message) < 400
+    assert "5000 characters" in e.message
+    e = rejected("x" * 1000 + "@example.com")
+    assert len(e.message) < 400
+
+
+def test_huge_inputs_are_refused_before_parsing() -> None:
+    # email-validator needs ~0.5 s for a megabyte; the caps keep every call cheap.
+    start = time.perf_counter()
+    for value in (
+        "a" * 1_000_000 + "@example.com",
+        '"' + "a" * 1_000_000,
+        "x " * 500_000 + "<a@example.com>",
+        {"email": "a" * 1_000_000},
+        {"email": "a@example.com", "name": "x" * 1_000_000},
+    ):
+        rejected(value)
+    assert time.perf_counter() - start < 0.5
+    assert parse_address({"email": "a@example.com", "name": "n" * NAME_MAX}, "to.0").name
+    assert rejected({"email": "a@example.com", "name": "n" * (NAME_MAX + 1)}).field == "to.0.name"
+    assert parse_address(f"{'n' * NAME_MAX} <a@example.com>", "to.0").name
+    rejected(f"{'n' * (NAME_MAX + 1)} <a@example.com>")
 
 
 # -- lists ----------------------------------------------------------------------------------------
@@ -259,6 +284,7 @@ _domains = st.sampled_from(
 )
 
 
+@settings(deadline=None)  # the machine may be busy; correctness is what is tested
 @given(local=_local_parts, domain=_domains)
 def test_fast_path_agrees_with_email_validator(local: str, domain: str) -> None:
     addr = f"{local}@{domain}"
@@ -277,6 +303,7 @@ def test_fast_path_agrees_with_email_validator(local: str, domain: str) -> None:
     assert got == expected
 
 
+@settings(deadline=None)  # the machine may be busy; correctness is what is tested
 @given(st.text(max_size=40))
 def test_any_string_either_parses_cleanly_or_raises_validation_error(value: str) -> None:
     try:
@@ -290,6 +317,7 @@ def test_any_string_either_parses_cleanly_or_raises_validation_error(value: str)
     assert a.name is None or not re.search(r"[\x00-\x1f\x7f-\x9f]", a.name)
 
 
+@settings(deadline=None)  # the machine may be busy; correctness is what is tested
 @given(
     name=st.text(
         alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=40
@@ -396,3 +424,50 @@ def test_check_text_accepts_ordinary_subjects() -> None:
     check_text("x" * 5000, "subject")
     with pytest.raises(ValidationError, match="must be a string"):
         check_text(None, "subject")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "application/pdf",
+        "image/svg+xml",
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "text/csv; charset=utf-8",
+        'text/plain;charset="us-ascii"; format=flowed',
+    ],
+)
+def test_check_content_type_accepts_mime_types(value: str) -> None:
+    check_content_type(value, "attachments.0.content_type")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "pdf",
+        "text/",
+        "/plain",
+        "text/plain\r\nX-Evil: 1",
+        "text/plain; charset",
+        'text/plain; name="a\r\nb"',
+        "téxt/plain",
+        'text/plain; name="é"',
+        "text/plain extra",
+        "a/" + "b" * 300,
+    ],
+)
+def test_check_content_type_refuses_what_cannot_go_in_a_header(value: str) -> None:
+    with pytest.raises(ValidationError, match="is not a MIME type") as info:
+        check_content_type(value, "attachments.0.content_type")
+    assert info.value.field == "attachments.0.content_type"
+
+
+def test_check_content_id_strips_brackets_and_refuses_unsafe_ids() -> None:
+    assert check_content_id("logo@example.com", "c") == "logo@example.com"
+    assert check_content_id("<logo>", "c") == "logo"
+    for bad in ("", "<>", "a b", "a>b", "<a", "a\r\nX: y", "é", "x" * 251):
+        with pytest.raises(ValidationError, match="not a valid Content-ID") as info:
+            check_content_id(bad, "attachments.1.content_id")
+        assert info.value.field == "attachments.1.content_id"
+    with pytest.raises(ValidationError, match="must be a string"):
+        check_content_id(3, "c")  # type: ignore[arg-type]

@@ -13,10 +13,11 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from postroom.domain import mime
+from postroom.domain.addresses import parse_address
 from postroom.domain.errors import ValidationError
 from postroom.domain.mime import build_mime, dot_stuff
 from postroom.domain.model import Address, Attachment, Content, Outgoing
@@ -216,6 +217,7 @@ def test_inline_parts_without_html_are_plain_attachments() -> None:
     assert msg.get_content_type() == "multipart/mixed"
     _, gif = msg.iter_parts()
     assert gif["Content-ID"] == "<a>"
+    assert gif.get_content_disposition() == "attachment"
     assert gif.get_content() == b"GIF89a"
 
 
@@ -674,9 +676,11 @@ _one_line = st.text(
 _names = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=80)
 _bodies = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=3000)
 _ascii_bodies = st.text(alphabet=st.characters(max_codepoint=127), max_size=3000)
+# Dense in what quoted-printable must get right: "=", whitespace at line ends, long lines, dots.
+_tricky_bodies = st.text(alphabet="a =\t\n\r.é", max_size=3000)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(subject=_one_line, name=_names, other=_names)
 def test_property_subjects_and_names_round_trip(subject: str, name: str, other: str) -> None:
     c = make(
@@ -698,10 +702,14 @@ def test_property_subjects_and_names_round_trip(subject: str, name: str, other: 
         assert msg["To"].addresses[0].display_name.split() == other.split()
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(text=st.one_of(_bodies, _ascii_bodies), html=st.one_of(st.none(), _bodies))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    text=st.one_of(_bodies, _ascii_bodies, _tricky_bodies),
+    html=st.one_of(st.none(), _bodies, _tricky_bodies),
+)
 def test_property_bodies_round_trip_and_stay_wire_safe(text: str, html: str | None) -> None:
     raw = build_mime(make(text=text, html=html))
+    assert max(map(len, raw.split(b"\r\n"))) <= 78  # 7bit <= 78, QP and base64 <= 76
     stuffed = dot_stuff(raw)
     assert stuffed.count(b"\r\n.\r\n") == 1 and stuffed.endswith(b"\r\n.\r\n")
     assert unstuff(stuffed) == raw
@@ -716,7 +724,7 @@ def test_property_bodies_round_trip_and_stay_wire_safe(text: str, html: str | No
         assert part is not None and body_text(part) == norm(html)
 
 
-@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     files=st.lists(
         st.tuples(
@@ -740,3 +748,17 @@ def test_property_attachments_round_trip(files: list[tuple[str, bytes, str]]) ->
         for a in msg.iter_attachments()
     ]
     assert got == files
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.text(max_size=120), local=st.from_regex(r"[A-Za-z0-9._%+-]{1,20}", fullmatch=True))
+def test_property_every_parsed_address_can_be_written(name: str, local: str) -> None:
+    try:
+        a = parse_address({"email": f"{local}@Bücher.example.com", "name": name}, "to.0")
+    except ValidationError:
+        reject()
+    data = build_mime(make(to=[a]))
+    msg = parse(data)
+    assert msg["To"].addresses[0].addr_spec == a.email
+    if a.name:
+        assert rfc2047_display_name(data, "To") == a.name

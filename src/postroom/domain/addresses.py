@@ -23,6 +23,8 @@ from postroom.domain.model import Address
 
 __all__ = [
     "RESERVED_HEADERS",
+    "check_content_id",
+    "check_content_type",
     "check_header",
     "check_text",
     "parse_address",
@@ -37,6 +39,10 @@ _CONTROL_NOT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _LOCAL_MAX = 64  # RFC 5321 4.5.3.1.1
 _EMAIL_MAX = 254  # RFC 5321 4.5.3.1.3 path limit minus the angle brackets
+# Display names and whole "Name <addr>" strings are capped before any parsing: email-validator
+# takes about half a second on a megabyte, and no real name comes near this.
+NAME_MAX = 1000
+_INPUT_MAX = NAME_MAX + 300
 
 # Characters an unquoted display name must not contain: RFC 5322 specials except "." (obs-phrase
 # allows it and "John Q. Public" is everywhere). "@" and "," are what make a string two mailboxes.
@@ -46,6 +52,16 @@ _UNESCAPE = re.compile(r"\\(.)")
 
 # RFC 5322 ftext: printable ASCII except ":" (and no space). 76 so that "Name: " fits a line.
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
+
+# RFC 2045 type/subtype with optional parameters (ASCII tokens only), and an RFC 2392 content ID
+# (printable ASCII without space and angle brackets). mime.py checks with the same patterns, so
+# what is accepted at the door is what can be sent.
+_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+"
+CONTENT_TYPE = re.compile(
+    rf'{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[ !#-\[\]-~]*"))*'
+)
+_CONTENT_TYPE_MAX = 255
+CONTENT_ID = re.compile(r"[!-;=?-~]{1,250}")
 
 # Header name (lowercase) -> the JSON field to use instead, or a note on who sets it.
 RESERVED_HEADERS: dict[str, str] = {
@@ -128,7 +144,13 @@ def _check_email(addr: str, field: str, original: str) -> str:
     return v.ascii_email
 
 
+def _too_long(value: str, limit: int, what: str) -> str:
+    return f"{_show(value)} is {len(value)} characters long; {what} can be at most {limit}"
+
+
 def _parse_string(value: str, field: str) -> Address:
+    if len(value) > _INPUT_MAX:
+        raise ValidationError(field, _too_long(value, _INPUT_MAX, "an address with its name"))
     _reject_controls(value, field, "an email address")
     s = value.strip(" ")
     if not s:
@@ -179,6 +201,8 @@ def _parse_string(value: str, field: str) -> Address:
         )
     email = _check_email(angle.strip(" "), field, value)
     name = name.strip(" ")
+    if len(name) > NAME_MAX:
+        raise ValidationError(field, _too_long(name, NAME_MAX, "a display name"))
     return Address(email, name or None)
 
 
@@ -195,6 +219,8 @@ def _parse_object(value: dict[Any, Any], field: str) -> Address:
         raise ValidationError(f"{field}.email", "is required and must be a string")
     if name is not None and not isinstance(name, str):
         raise ValidationError(f"{field}.name", "must be a string")
+    if len(email) > _INPUT_MAX:
+        raise ValidationError(f"{field}.email", _too_long(email, _INPUT_MAX, "an address"))
     _reject_controls(email, f"{field}.email", "an email address")
     s = email.strip(" ")
     if not s:
@@ -209,6 +235,8 @@ def _parse_object(value: dict[Any, Any], field: str) -> Address:
     if name is not None:
         _reject_controls(name, f"{field}.name", "a display name")
         name = name.strip(" ")
+        if len(name) > NAME_MAX:
+            raise ValidationError(f"{field}.name", _too_long(name, NAME_MAX, "a display name"))
     return Address(ascii_email, name or None)
 
 
@@ -267,3 +295,31 @@ def check_text(value: str, field: str) -> None:
     m = _CONTROL_NOT_TAB.search(value)
     if m:
         raise ValidationError(field, _control_message(m.group(), "a one-line text"))
+
+
+def check_content_type(value: str, field: str) -> None:
+    """Refuse a MIME type that cannot go in a Content-Type header as is (``type/subtype; a=b``)."""
+    if (
+        not isinstance(value, str)
+        or len(value) > _CONTENT_TYPE_MAX
+        or not CONTENT_TYPE.fullmatch(value)
+    ):
+        shown = _show(value) if isinstance(value, str) else type(value).__name__
+        raise ValidationError(
+            field,
+            f"{shown} is not a MIME type such as 'application/pdf' or 'text/csv; charset=utf-8'",
+        )
+
+
+def check_content_id(value: str, field: str) -> str:
+    """Check a Content-ID (the `cid:` the HTML refers to); return it without angle brackets."""
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, not {type(value).__name__}")
+    cid = value[1:-1] if value[:1] == "<" and value[-1:] == ">" else value
+    if not CONTENT_ID.fullmatch(cid):
+        raise ValidationError(
+            field,
+            f"{_show(value)} is not a valid Content-ID: use 1 to 250 printable ASCII characters "
+            "without spaces or '<' '>', such as 'logo@example.com'",
+        )
+    return cid

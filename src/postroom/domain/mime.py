@@ -29,7 +29,7 @@ import time
 from email.utils import formatdate
 from urllib.parse import quote
 
-from postroom.domain.addresses import check_header
+from postroom.domain.addresses import check_content_id, check_content_type, check_header
 from postroom.domain.errors import ValidationError
 from postroom.domain.model import Address, Attachment, Content
 
@@ -48,11 +48,6 @@ _HIGH_BYTES = bytes(range(128, 256))
 _ATOM_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _PLAIN_EMAIL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+")
 _MESSAGE_ID = re.compile(r"<[!-;=?-~]{1,900}>")
-_CONTENT_ID = re.compile(r"[!-;=?-~]{1,900}")
-_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+"
-_CONTENT_TYPE = re.compile(
-    rf'{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[^"\\\x00-\x1f\x7f]*"))*'
-)
 # Percent-encoded characters per RFC 2231 segment: ' filename*0*=utf-8\'\'' + 56 + ';' = 77.
 _PARAM_CHUNK = 56
 _SIMPLE_FILENAME = re.compile(r"[ !#-\[\]-~]{1,60}")  # printable ASCII without '"' and '\'
@@ -375,33 +370,22 @@ def _base64_lines(data: bytes) -> bytes:
     return b"\r\n".join([enc[j : j + 76] for j in range(0, len(enc), 76)])
 
 
-def _attachment_entity(att: Attachment, i: int) -> _Entity:
+def _attachment_entity(att: Attachment, i: int, inline: bool) -> _Entity:
     field = f"attachments.{i}"
     ctype = att.content_type
-    if not _CONTENT_TYPE.fullmatch(ctype):
-        raise ValidationError(
-            f"{field}.content_type", f"{ctype!r} is not a valid MIME type such as 'image/png'"
-        )
+    check_content_type(ctype, f"{field}.content_type")
     filename = att.filename
     head = [
         _with_params("Content-Type", ctype, _filename_params("name", filename)),
         _with_params(
             "Content-Disposition",
-            "inline" if att.content_id else "attachment",
+            "inline" if inline else "attachment",
             _filename_params("filename", filename),
         ),
         "Content-Transfer-Encoding: base64",
     ]
     if att.content_id:
-        cid = att.content_id
-        if cid[:1] == "<" and cid[-1:] == ">":
-            cid = cid[1:-1]
-        if not _CONTENT_ID.fullmatch(cid):
-            raise ValidationError(
-                f"{field}.content_id",
-                f"{att.content_id!r} is not a valid Content-ID: use printable ASCII without "
-                "spaces or '<' '>'",
-            )
+        cid = check_content_id(att.content_id, f"{field}.content_id")
         head.append(f"Content-ID: <{cid}>")
     return "\r\n".join(head), _base64_lines(att.content)
 
@@ -451,9 +435,9 @@ def _body(content: Content) -> _Entity:
     inline: list[_Entity] = []
     attached: list[_Entity] = []
     for i, att in enumerate(content.attachments):
-        entity = _attachment_entity(att, i)
         # Inline parts belong with the HTML that refers to them; without HTML they are attachments.
-        (inline if att.content_id and html else attached).append(entity)
+        is_inline = bool(att.content_id and html)
+        (inline if is_inline else attached).append(_attachment_entity(att, i, is_inline))
     if inline:
         body = _multipart("related", [body, *inline], base + "r", f'\r\n type="{body_type}";')
     if attached:
