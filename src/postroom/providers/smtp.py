@@ -53,7 +53,8 @@ _QUIT_TIMEOUT_S = 5.0
 _MIN_UPLOAD_BYTES_PER_S = 100_000  # the payload step gets timeout_s plus its size at this rate
 _AUTH_CODES = frozenset({530, 534, 535, 538})  # auth required / too weak / failed / needs TLS
 
-_QUEUED_AS = re.compile(rb"queued as\s+<?([\w.@:/+=-]+)>?|\bid=<?([\w.@:/+=-]+)>?", re.IGNORECASE)
+# "250 2.0.0 Ok: queued as 4F1A2B" (Postfix, SendGrid, ...), "250 OK id=1tOxyz-000ABC-12" (Exim)
+_QUEUED_AS = re.compile(rb"queued as\s+<?([\w.@:/+=-]+)>?|\bid=<?([\w.@:/+=-]+)>?")
 _RETRY_HINT = re.compile(
     r"(?:try(?:\s+again)?|retry)\s+(?:again\s+)?(?:in|after)\s+(\d+(?:\.\d+)?)\s*"
     r"(seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h)\b",
@@ -99,6 +100,18 @@ async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         parts.append(line[4:].rstrip())
         if line[3:4] != b"-":
             return int(code_b), b"\n".join(parts)
+
+
+def _queue_id(text: bytes) -> str | None:
+    """The server's id for an accepted message, when its reply names one."""
+    lower = text.lower()
+    if b"queued as" not in lower and b"id=" not in lower:  # most replies: skip the regex
+        return None
+    m = _QUEUED_AS.search(lower)
+    if m is None:
+        return None
+    start, end = m.span(1) if m.group(1) else m.span(2)
+    return text[start:end].decode("ascii", "replace")  # the id as the server wrote it
 
 
 def _text(raw: bytes) -> str:
@@ -148,6 +161,7 @@ class _Session:
 
     __slots__ = (
         "auth",
+        "deadline",
         "eightbit",
         "last_used_s",
         "ok",
@@ -157,6 +171,7 @@ class _Session:
         "smtputf8",
         "stage",
         "starttls",
+        "timed_out",
         "transactions",
         "writer",
     )
@@ -174,6 +189,8 @@ class _Session:
         self.last_used_s = time.monotonic()
         self.ok = False  # True only between transactions, when the session is known to be clean
         self.stage = "connect"
+        self.deadline = 0.0  # loop time by which the pending step must be done (the watchdog's)
+        self.timed_out = False
 
     def parse_ehlo(self, text: bytes) -> None:
         self.pipelining = self.eightbit = self.smtputf8 = self.starttls = False
@@ -234,6 +251,8 @@ class SMTPProvider:
             raise ValueError("starttls and tls (implicit TLS) exclude each other")
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
         if username is not None and password is None:
             raise ValueError("username is set but password is not")
         self.name = name
@@ -262,6 +281,9 @@ class SMTPProvider:
         self._drained = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()  # sessions being QUIT in the background
         self._closed = False
+        self._busy: set[_Session] = set()  # sessions in a transaction, for the watchdog
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._tick_s = min(1.0, max(0.01, timeout_s / 10))  # how late a step timeout may fire
 
     def __repr__(self) -> str:
         return f"SMTPProvider({self.name!r}, host={self.host!r}, port={self.port})"
@@ -306,6 +328,9 @@ class SMTPProvider:
             await self._drained.wait()
         while self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     # -- the pool -----------------------------------------------------------------------------
 
@@ -503,13 +528,7 @@ class SMTPProvider:
                 session.transactions += 1
             notes.extend(refused)
             if receipt is None:
-                m = _QUEUED_AS.search(text)
-                receipt = Receipt(
-                    self.name,
-                    code,
-                    _text(text),
-                    (m.group(1) or m.group(2)).decode("ascii", "replace") if m else None,
-                )
+                receipt = Receipt(self.name, code, _text(text), _queue_id(text))
         assert receipt is not None
         if notes:
             receipt.text += "; refused: " + "; ".join(notes)
@@ -529,6 +548,7 @@ class SMTPProvider:
         to send in a next transaction (after 452 too many recipients)."""
         reader = session.reader
         writer = session.writer
+        loop = asyncio.get_running_loop()
         step_s = self.timeout_s
 
         params = b""
@@ -542,130 +562,144 @@ class SMTPProvider:
             params = b" SIZE=%d" % size
         if session.eightbit and not payload.isascii():
             params += b" BODY=8BITMIME"
-        if mail_from.isascii() and all(r.isascii() for r in rcpts):
-            enc_from = mail_from.encode()
-            enc_rcpts = [r.encode() for r in rcpts]
-        elif session.smtputf8:
-            params += b" SMTPUTF8"
-            enc_from = mail_from.encode()
-            enc_rcpts = [r.encode() for r in rcpts]
-        else:
-            raise PermanentError(
-                "non-ASCII addresses need SMTPUTF8, which the server does not offer",
-                provider=self.name,
-            )
-
-        pipelining = session.pipelining
-        mail_cmd = b"MAIL FROM:<%s>%s\r\n" % (enc_from, params)
-        rcpt_cmds = [b"RCPT TO:<%s>\r\n" % r for r in enc_rcpts]
+        rcpt_cmds = [b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts]
+        mail_cmd = b"MAIL FROM:<%s>%s\r\n" % (mail_from.encode(), params)
         group = b"".join((mail_cmd, *rcpt_cmds, b"DATA\r\n"))
         lines = len(rcpt_cmds) + 2
         if group.count(b"\n") != lines or group.count(b"\r") != lines:  # no command injection
             raise PermanentError("an envelope address contains a line break", provider=self.name)
-        session.ok = False  # until the transaction ends cleanly
+        if not group.isascii():
+            if not session.smtputf8:
+                raise PermanentError(
+                    "non-ASCII addresses need SMTPUTF8, which the server does not offer",
+                    provider=self.name,
+                )
+            mail_cmd = mail_cmd[:-2] + b" SMTPUTF8\r\n"
+            group = b"".join((mail_cmd, *rcpt_cmds, b"DATA\r\n"))
 
+        pipelining = session.pipelining
         accepted = 0
         refused: list[tuple[str, int, bytes]] = []
         deferred: list[tuple[str, int, bytes]] = []  # 4xx: aborts the transaction
         too_many: list[str] = []  # 452 after an accepted recipient: next transaction
         data_code = 0
         data_text = b""
+        session.ok = False  # until the transaction ends cleanly
+        session.deadline = loop.time() + step_s  # each step moves it; the watchdog enforces it
+        self._watch(session)
         try:
-            async with _StepTimeout(step_s) as timer:
-                # MAIL FROM (and with PIPELINING: every RCPT TO and DATA in the same write)
-                session.stage = "MAIL FROM"
-                if pipelining:
-                    writer.write(group)
-                else:
-                    writer.write(mail_cmd)
-                try:
-                    mail_code, mail_text = await _read_reply(reader)
-                except _CONNECTION_ERRORS:
-                    if reused:
-                        raise _Stale from None
-                    raise
-                if mail_code == 421:
-                    if reused:
-                        raise _Stale
-                    raise self._error(421, mail_text, "MAIL FROM")
+            # MAIL FROM (and with PIPELINING: every RCPT TO and DATA in the same write)
+            session.stage = "MAIL FROM"
+            writer.write(group if pipelining else mail_cmd)
+            try:
+                mail_code, mail_text = await _read_reply(reader)
+            except _CONNECTION_ERRORS:
+                if reused and not session.timed_out:
+                    raise _Stale from None
+                raise
+            if mail_code == 421:
+                if reused:
+                    raise _Stale
+                raise self._error(421, mail_text, "MAIL FROM")
 
-                if pipelining or mail_code == 250:
-                    session.stage = "RCPT TO"
-                    for rcpt, cmd in zip(rcpts, rcpt_cmds, strict=True):
-                        if not pipelining:
-                            writer.write(cmd)
-                        timer.step()
-                        code, text = await _read_reply(reader)
-                        if code == 250 or code == 251:
-                            accepted += 1
-                        elif code == 421:
-                            raise self._error(421, text, "RCPT TO")
-                        elif code == 452 and accepted:
-                            too_many.append(rcpt)
-                        elif 400 <= code < 500:
-                            deferred.append((rcpt, code, text))
-                        else:
-                            refused.append((rcpt, code, text))
-
-                    if pipelining or (accepted and not deferred):
-                        session.stage = "DATA"
-                        if not pipelining:
-                            writer.write(b"DATA\r\n")
-                        timer.step()
-                        data_code, data_text = await _read_reply(reader)
-                        if data_code == 421:
-                            raise self._error(421, data_text, "DATA")
-
-                if mail_code != 250:
-                    err = self._error(mail_code, mail_text, "MAIL FROM")
-                elif deferred or not accepted:
-                    err = self._rcpt_error(deferred or refused)
-                elif data_code != 354:
-                    err = self._error(data_code, data_text, "DATA")
-                else:
-                    session.stage = "end of data"
-                    writer.write(payload)
-                    timer.deadline += len(payload) / _MIN_UPLOAD_BYTES_PER_S
-                    await writer.drain()
-                    timer.step()
+            if pipelining or mail_code == 250:
+                session.stage = "RCPT TO"
+                for rcpt, cmd in zip(rcpts, rcpt_cmds, strict=True):
+                    if not pipelining:
+                        writer.write(cmd)
+                    session.deadline = loop.time() + step_s
                     code, text = await _read_reply(reader)
-                    if code == 250:
-                        session.ok = True
-                        notes = [f"<{r}> {c} {_text(x)}" for r, c, x in refused]
-                        return code, text, notes, too_many
-                    err = self._error(code, text, "end of data")
-                    if code == 421:
-                        raise err
-                    data_code = 0  # the transaction is over on the server; RSET anyway
+                    if code == 250 or code == 251:
+                        accepted += 1
+                    elif code == 421:
+                        raise self._error(421, text, "RCPT TO")
+                    elif code == 452 and accepted:
+                        too_many.append(rcpt)
+                    elif 400 <= code < 500:
+                        deferred.append((rcpt, code, text))
+                    else:
+                        refused.append((rcpt, code, text))
 
-                # The transaction failed: make the session clean again, or give it up.
-                if data_code == 354:
-                    # The server waits for content we will not send: only closing is safe.
+                if pipelining or (accepted and not deferred):
+                    session.stage = "DATA"
+                    if not pipelining:
+                        writer.write(b"DATA\r\n")
+                    session.deadline = loop.time() + step_s
+                    data_code, data_text = await _read_reply(reader)
+                    if data_code == 421:
+                        raise self._error(421, data_text, "DATA")
+
+            if mail_code != 250:
+                err = self._error(mail_code, mail_text, "MAIL FROM")
+            elif deferred or not accepted:
+                err = self._rcpt_error(deferred or refused)
+            elif data_code != 354:
+                err = self._error(data_code, data_text, "DATA")
+            else:
+                session.stage = "end of data"
+                writer.write(payload)
+                session.deadline = loop.time() + step_s + len(payload) / _MIN_UPLOAD_BYTES_PER_S
+                await writer.drain()
+                session.deadline = loop.time() + step_s
+                code, text = await _read_reply(reader)
+                if code == 250:
+                    session.ok = True
+                    notes = [f"<{r}> {c} {_text(x)}" for r, c, x in refused] if refused else []
+                    return code, text, notes, too_many
+                err = self._error(code, text, "end of data")
+                if code == 421:
                     raise err
-                session.stage = "RSET"
-                timer.disarm()  # a lost RSET must not hide the error that matters
-        except ProviderError:
-            raise
-        except TimeoutError:
-            raise TransientError(
-                f"{self.host}:{self.port}: timed out ({step_s:g} s) waiting for the reply to "
-                f"{session.stage}",
-                provider=self.name,
-            ) from None
+                data_code = 0  # the transaction is over on the server; RSET anyway
+
+            # The transaction failed: make the session clean again, or give it up.
+            if data_code == 354:
+                # The server waits for content we will not send: only closing is safe.
+                raise err
         except _CONNECTION_ERRORS as e:
+            if session.timed_out:
+                raise TransientError(
+                    f"{self.host}:{self.port}: timed out ({step_s:g} s) waiting for the reply to "
+                    f"{session.stage}",
+                    provider=self.name,
+                ) from None
             raise TransientError(
                 f"{self.host}:{self.port}: connection lost at {session.stage}: "
                 f"{type(e).__name__}: {e}",
                 provider=self.name,
             ) from e
+        finally:
+            self._busy.discard(session)
+        # RSET, under the watchdog too; if it fails the session is dropped, the error stands.
+        session.stage = "RSET"
+        session.deadline = loop.time() + step_s
+        self._watch(session)
         try:
-            async with asyncio.timeout(step_s):
-                writer.write(b"RSET\r\n")
-                code, _ = await _read_reply(reader)
-                session.ok = code == 250
-        except _CONNECTION_ERRORS:  # includes TimeoutError; the session is dropped (ok is False)
+            writer.write(b"RSET\r\n")
+            code, _ = await _read_reply(reader)
+            session.ok = code == 250
+        except _CONNECTION_ERRORS:
             pass
+        finally:
+            self._busy.discard(session)
         raise err
+
+    # -- the watchdog: one timer per provider enforces every session's step deadline ---------
+
+    def _watch(self, session: _Session) -> None:
+        self._busy.add(session)
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(self._tick_s, self._on_tick)
+
+    def _on_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for session in [s for s in self._busy if s.deadline <= now]:
+            # Aborting wakes the pending read or drain with a connection error; the
+            # transaction sees `timed_out` and reports a timeout. No task is cancelled.
+            session.timed_out = True
+            self._busy.discard(session)
+            session.abort()
+        self._watchdog = loop.call_later(self._tick_s, self._on_tick) if self._busy else None
 
     def _error(self, code: int, raw: bytes, stage: str) -> ProviderError:
         text = _text(raw)
