@@ -451,6 +451,25 @@ async def test_all_recipients_refused_with_550_is_permanent_and_the_session_is_k
     assert handler.messages[0].rcpt_tos == ["good@example.test"]
 
 
+async def test_every_recipient_refused_names_each_refusal(smtpd: Any, make_provider: Any) -> None:
+    handler = Recorder(
+        pipelining=True,
+        rcpt_replies={
+            "a@example.test": "550 5.1.1 no such user a",
+            "b@example.test": "553 5.1.3 bad address b",
+        },
+    )
+    provider = make_provider(smtpd(handler).port)
+
+    with pytest.raises(PermanentError) as info:
+        await provider.send(outgoing("a@example.test", "b@example.test"))
+
+    assert info.value.code == 550
+    assert info.value.text == (
+        "<a@example.test> 550 5.1.1 no such user a; <b@example.test> 553 5.1.3 bad address b"
+    )
+
+
 @pytest.mark.parametrize("code", [450, 451])
 async def test_a_4xx_recipient_is_transient_with_its_code_and_delay_hint(
     smtpd: Any, make_provider: Any, code: int

@@ -25,7 +25,6 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
 
 from postroom.domain.errors import PermanentError, ProviderError, ProviderFault, TransientError
 from postroom.domain.model import Outgoing, Receipt
@@ -116,44 +115,6 @@ def _queue_id(text: bytes) -> str | None:
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace").replace("\n", " ")
-
-
-class _StepTimeout:
-    """`async with _StepTimeout(step_s) as timer`: a timeout for each step of an exchange, where a
-    step only moves `timer.deadline` (cheap) instead of rescheduling a timer per reply; the one
-    timer, when it fires before a moved deadline, re-arms itself for it. Expiry is
-    asyncio.timeout's: the task is cancelled and TimeoutError raised at the end of the block."""
-
-    __slots__ = ("_handle", "_loop", "_step_s", "_timeout", "deadline")
-
-    def __init__(self, step_s: float) -> None:
-        self._step_s = step_s
-        self._timeout = asyncio.timeout(None)
-        self._loop = asyncio.get_running_loop()
-        self.deadline = self._loop.time() + step_s
-
-    def step(self) -> None:
-        """Start a new step: it has the full `step_s` from now."""
-        self.deadline = self._loop.time() + self._step_s
-
-    async def __aenter__(self) -> _StepTimeout:
-        await self._timeout.__aenter__()
-        self._handle = self._loop.call_at(self.deadline, self._check)
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self._handle.cancel()
-        await self._timeout.__aexit__(*exc)
-
-    def _check(self) -> None:
-        now = self._loop.time()
-        if now < self.deadline:
-            self._handle = self._loop.call_at(self.deadline, self._check)
-        else:
-            self._timeout.reschedule(now)
-
-    def disarm(self) -> None:
-        self._handle.cancel()
 
 
 class _Session:
@@ -389,7 +350,7 @@ class SMTPProvider:
         session: _Session | None = None
         stage = "connect"
         try:
-            async with _StepTimeout(self.timeout_s) as timer:
+            async with asyncio.timeout(self.timeout_s) as timer:
                 ctx = self._tls_context() if self.tls else None
                 reader, writer = await asyncio.open_connection(
                     self.host,
@@ -399,7 +360,7 @@ class SMTPProvider:
                     ssl_handshake_timeout=self.timeout_s if ctx else None,
                 )
                 session = _Session(reader, writer)
-                timer.step()
+                self._step(timer)
                 stage = "greeting"
                 code, text = await _read_reply(reader)
                 if code != 220:
@@ -414,7 +375,7 @@ class SMTPProvider:
                     if code != 220:
                         raise self._fault(f"STARTTLS refused: {code} {_text(text)}", code)
                     stage = "TLS handshake"
-                    timer.step()
+                    self._step(timer)
                     await writer.start_tls(
                         self._tls_context(),
                         server_hostname=self.host,
@@ -425,21 +386,13 @@ class SMTPProvider:
                 if self.username is not None:
                     stage = "AUTH"
                     await self._auth(session, timer)
-        except ProviderError:
+        except BaseException as e:  # whatever happened, the half-open session goes
             if session is not None:
                 session.abort()
-            raise
-        except TimeoutError:
-            if session is not None:
-                session.abort()
-            raise self._fault(f"timed out ({self.timeout_s:g} s) at {stage}") from None
-        except _CONNECTION_ERRORS as e:
-            if session is not None:
-                session.abort()
-            raise self._fault(f"{stage} failed: {type(e).__name__}: {e}") from e
-        except BaseException:
-            if session is not None:
-                session.abort()
+            if isinstance(e, TimeoutError):
+                raise self._fault(f"timed out ({self.timeout_s:g} s) at {stage}") from None
+            if isinstance(e, _CONNECTION_ERRORS):
+                raise self._fault(f"{stage} failed: {type(e).__name__}: {e}") from e
             raise
         session.ok = True
         return session
@@ -453,7 +406,7 @@ class SMTPProvider:
             self.helo_name = name
         return self.helo_name.encode("idna" if not self.helo_name.isascii() else "ascii")
 
-    async def _ehlo(self, session: _Session, timer: _StepTimeout) -> None:
+    async def _ehlo(self, session: _Session, timer: asyncio.Timeout) -> None:
         name = self._ehlo_name(session.writer)
         code, text = await self._command(session, timer, b"EHLO " + name + b"\r\n")
         if code == 250:
@@ -466,7 +419,7 @@ class SMTPProvider:
             raise self._fault(f"HELO refused: {code} {_text(text)}", code)
         session.parse_ehlo(b"")
 
-    async def _auth(self, session: _Session, timer: _StepTimeout) -> None:
+    async def _auth(self, session: _Session, timer: asyncio.Timeout) -> None:
         assert self.username is not None and self.password is not None
         user = self.username.encode()
         password = self.password.encode()
@@ -491,11 +444,15 @@ class SMTPProvider:
         if code != 235:
             raise self._fault(f"authentication failed: {code} {_text(text)}", code)
 
+    def _step(self, timer: asyncio.Timeout) -> None:
+        """While opening a session: the next step gets the full timeout_s."""
+        timer.reschedule(asyncio.get_running_loop().time() + self.timeout_s)
+
     async def _command(
-        self, session: _Session, timer: _StepTimeout, line: bytes
+        self, session: _Session, timer: asyncio.Timeout, line: bytes
     ) -> tuple[int, bytes]:
         session.writer.write(line)
-        timer.step()
+        self._step(timer)
         return await _read_reply(session.reader)
 
     # -- transactions -------------------------------------------------------------------------
@@ -718,11 +675,8 @@ class SMTPProvider:
     def _rcpt_error(self, refusals: list[tuple[str, int, bytes]]) -> ProviderError:
         """Every recipient refused (or one deferred): the first refusal decides the class."""
         _, code, raw = refusals[0]
+        err = self._error(code, raw, "RCPT TO")
         if len(refusals) == 1:
-            return self._error(code, raw, "RCPT TO")
+            return err
         text = "; ".join(f"<{r}> {c} {_text(x)}" for r, c, x in refusals)
-        if 400 <= code < 500:
-            return TransientError(
-                text, code=code, retry_after_s=retry_after_hint(text), provider=self.name
-            )
-        return PermanentError(text, code=code, provider=self.name)
+        return type(err)(text, code=code, retry_after_s=err.retry_after_s, provider=self.name)
