@@ -36,6 +36,7 @@ from postroom.domain.ports import (
     WorkerInfo,
 )
 from postroom.domain.ids import new_id
+from postroom.store import schema
 
 __all__ = ["SQLiteStore", "hash_secret"]
 
@@ -50,6 +51,41 @@ _EVENT_SQL = (
     "INSERT INTO events (message_id, at, type, worker, provider, code, detail) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+
+
+_COUNT_SQL = (
+    "INSERT INTO throughput (bucket, kind, n) VALUES (?, ?, ?)"
+    " ON CONFLICT (bucket, kind) DO UPDATE SET n = n + excluded.n"
+)
+
+# outcome status -> the throughput counter it adds to
+_COUNTED = {Status.SENT: "sent", Status.FAILED: "failed", Status.RETRYING: "retried", Status.SUPPRESSED: "failed"}
+
+
+def bucket_of(t: float) -> int:
+    return int(t // schema.THROUGHPUT_BUCKET_S) * schema.THROUGHPUT_BUCKET_S
+
+
+def count_rows(now: float, kinds: Sequence[str]) -> list[tuple[int, str, int]]:
+    """Throughput upsert rows for a batch: one per kind present."""
+    counts: dict[str, int] = {}
+    for k in kinds:
+        counts[k] = counts.get(k, 0) + 1
+    b = bucket_of(now)
+    return [(b, k, n) for k, n in counts.items()]
+
+
+def fold_throughput(
+    rows: Sequence[tuple[int, str, int]], start: int, step_s: int, now: float
+) -> list[dict[str, Any]]:
+    """(bucket, kind, n) rows -> one dict per interval from `start` to `now`."""
+    n = int((now - start) // step_s) + 1
+    series = [{"t": start + i * step_s, "accepted": 0, "sent": 0, "failed": 0, "retried": 0} for i in range(n)]
+    for bucket, kind, count in rows:
+        i = (int(bucket) - start) // step_s
+        if 0 <= i < n and kind in series[i]:
+            series[i][kind] += int(count)
+    return series
 
 
 def hash_secret(secret: str) -> str:
@@ -309,6 +345,8 @@ class SQLiteStore:
                     results.append(EnqueueResult(r[0], Status(r[1])))
                     events.append((r[0], now, r[1], None, None, None, None))
             conn.executemany(_EVENT_SQL, events)
+            if events:
+                conn.execute(_COUNT_SQL, (bucket_of(now), "accepted", len(events)))
             return results
 
         results = await self._w(tx, durable=True)
@@ -410,6 +448,10 @@ class SQLiteStore:
                         )
                     )
             conn.executemany(_EVENT_SQL, events)
+            conn.executemany(
+                _COUNT_SQL,
+                count_rows(now, [_COUNTED[o.status] for o, ok in zip(outcomes, accepted, strict=True) if ok and o.status in _COUNTED]),
+            )
             return accepted
 
         result = await self._w(tx)
@@ -548,15 +590,14 @@ class SQLiteStore:
                 (now,),
             ).fetchone()[0]
             recent = {}
-            for label, since in (("last_minute", now - 60), ("last_hour", now - 3600)):
+            for label, span in (("last_minute", 60), ("last_hour", 3600)):
                 counts = dict(
                     conn.execute(
-                        "SELECT status, count(*) FROM messages WHERE updated_at >= ?"
-                        " AND status IN ('sent', 'failed') GROUP BY status",
-                        (since,),
+                        "SELECT kind, sum(n) FROM throughput WHERE bucket > ? GROUP BY kind",
+                        (bucket_of(now) - span,),
                     ).fetchall()
                 )
-                recent[label] = {"sent": counts.get("sent", 0), "failed": counts.get("failed", 0)}
+                recent[label] = {k: counts.get(k, 0) for k in ("accepted", "sent", "failed", "retried")}
             return {
                 "by_status": by_status,
                 "queue_depth": by_status["queued"]
@@ -566,6 +607,19 @@ class SQLiteStore:
                 "due_now": due,
                 **recent,
             }
+
+        return await self._r(q)
+
+    async def throughput(self, since: float, step_s: int = 60) -> list[dict[str, Any]]:
+        """Counts per `step_s` interval from `since` to now (oldest first, empty intervals included)."""
+        step_s = max(schema.THROUGHPUT_BUCKET_S, step_s // schema.THROUGHPUT_BUCKET_S * schema.THROUGHPUT_BUCKET_S)
+        start = int(since // step_s) * step_s
+
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT bucket, kind, n FROM throughput WHERE bucket >= ?", (start,)
+            ).fetchall()
+            return fold_throughput(rows, start, step_s, time.time())
 
         return await self._r(q)
 
