@@ -277,3 +277,56 @@ def test_address_fields_split_outside_quotes() -> None:
         {"from": "a@x.org", "to": "b@x.org", "send_at": "2030-01-31T10:00", "tz_offset": "-60"}
     )
     assert body["send_at"] == "2030-01-31T09:00:00Z"  # the browser was at UTC+1
+
+
+async def test_a_failed_message_shows_its_reply_and_can_be_retried(env: dict[str, Any]) -> None:
+    from postroom.domain.model import Outcome
+    from postroom.domain.validate import validate_message
+
+    c, store = env["client"], env["store"]
+    body = {"from": "a@example.com", "to": "b@example.org", "subject": "Bounce", "text": "x"}
+    (res,) = await store.enqueue([validate_message(body)])
+    (claimed,) = await store.claim("w1", 1, 30)
+    await store.record(
+        [
+            Outcome(
+                res.id,
+                claimed.lease_token,
+                Status.FAILED,
+                provider="smtp",
+                code=550,
+                text="5.1.1 no such user",
+            )
+        ],
+        worker="w1",
+    )
+    await login(c, env["key"])
+    page = await c.get(f"/messages/{res.id}")
+    assert "5.1.1 no such user" in page.text and "550" in page.text
+    assert re.search(r'data-action="retry"\s*>', page.text)  # shown
+    assert re.search(r'data-action="cancel"\s*hidden', page.text)  # not for a failed message
+    r = await c.post(f"/messages/{res.id}/retry", data={"csrf": csrf_of(page.text)})
+    assert r.status_code == 303 and r.headers["location"].endswith("?retried=1")
+    assert (await store.get(res.id)).status is Status.QUEUED
+
+
+async def test_messages_page_filters_by_status_and_pages_by_cursor(env: dict[str, Any]) -> None:
+    from postroom.domain.validate import validate_message
+
+    c, store = env["client"], env["store"]
+    msgs = [
+        {"from": "a@example.com", "to": f"u{i}@example.org", "subject": f"m{i}", "text": "x"}
+        for i in range(55)
+    ]
+    await store.enqueue([validate_message(m) for m in msgs])
+    await login(c, env["key"])
+    first = await c.get("/messages")
+    assert first.text.count('class="row-link"') == 50
+    older = re.search(r'href="(/messages\?cursor=[^"]+)" id="older"', first.text)
+    assert older
+    second = await c.get(older.group(1).replace("&amp;", "&"))
+    assert second.text.count('class="row-link"') == 5 and "m0<" in second.text
+    none = await c.get("/messages?status=failed")
+    assert 'class="row-link"' not in none.text and "No messages match" in none.text
+    bad = await c.get("/messages?status=nonsense")
+    assert bad.status_code == 200 and "not valid" in bad.text

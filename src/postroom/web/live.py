@@ -134,6 +134,7 @@ class Monitor:
     SAMPLE_S = 2.0
     IDLE_SAMPLE_S = 10.0
     KEEP_S = 24 * 3600 + 600
+    MAX_SHARE_INV = 10  # wait at least 10x as long as the last stats query took
 
     def __init__(self, store: Store, settings: Settings, app_state: Any) -> None:
         self.store = store
@@ -148,6 +149,7 @@ class Monitor:
         self._task: asyncio.Task[None] | None = None
         self.closing = asyncio.Event()
         self._charts: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._cost_s = 0.0
 
     # -- lifecycle (owned by the app's lifespan) ---------------------------------------------
     def start(self) -> None:
@@ -170,13 +172,18 @@ class Monitor:
                 raise
             except Exception as e:  # the database may be away for a moment; keep sampling
                 log.warning("dashboard: sampling stats failed: %s", e)
-            delay = self.SAMPLE_S if self._watchers else self.IDLE_SAMPLE_S
+            # A slow stats query (a count over millions of rows) is asked less often: the
+            # dashboard should never take more than a tenth of the store's reading time.
+            base = self.SAMPLE_S if self._watchers else self.IDLE_SAMPLE_S
+            delay = max(base, self._cost_s * self.MAX_SHARE_INV)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
     async def sample(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
         stats = await self.store.stats()
+        self._cost_s = time.perf_counter() - t0
         by = stats.get("by_status", {})
         now = time.time()
         self._samples.append(
