@@ -130,6 +130,7 @@ def create_app(
         default_response_class=ORJSONResponse,
     )
     app.state.store = store
+    app.state.routing = routing_view
     app.state.settings = settings
 
     # -- errors: always JSON, always naming what is wrong ----------------------------------

@@ -14,7 +14,14 @@ from typing import Any
 
 import orjson
 
-from postroom.domain.addresses import check_header, check_text, parse_address, parse_address_list
+from postroom.domain.addresses import (
+    check_content_id,
+    check_content_type,
+    check_header,
+    check_text,
+    parse_address,
+    parse_address_list,
+)
 from postroom.domain.errors import LimitExceeded, ValidationError
 from postroom.domain.model import Address, Attachment, Content, NewMessage, Priority
 
@@ -159,8 +166,7 @@ def validate_message(
         ctype = _str(a, "content_type", f + ".content_type") or (
             mimetypes.guess_type(filename)[0] or "application/octet-stream"
         )
-        if not re.fullmatch(r"[\w.+-]+/[\w.+-]+", ctype):
-            raise ValidationError(f + ".content_type", f"{ctype!r} is not a MIME type like text/csv")
+        check_content_type(ctype, f + ".content_type")
         b64 = _str(a, "content", f + ".content", required=True)
         assert b64 is not None
         if len(b64) * 3 // 4 > limits.max_attachment_bytes + 3:
@@ -173,7 +179,7 @@ def validate_message(
             raise ValidationError(f + ".content", "is not valid base64") from None
         cid = _str(a, "content_id", f + ".content_id")
         if cid is not None:
-            check_text(cid, f + ".content_id")
+            cid = check_content_id(cid, f + ".content_id")
         attachments.append(Attachment(filename, ctype, raw, cid))
         size += len(raw)
     if size > limits.max_message_bytes:

@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from postroom.domain.batching import GroupCommit
-from postroom.domain.errors import Deferred, PermanentError, ProviderError, TransientError
+from postroom.domain.errors import (
+    Deferred,
+    PermanentError,
+    ProviderError,
+    TransientError,
+    ValidationError,
+)
 from postroom.domain.model import ClaimedMessage, Event, Outcome, Outgoing, Status
 from postroom.domain.ports import Router, Store, WorkerInfo
 from postroom.domain.retry import RetryPolicy
@@ -201,12 +207,12 @@ class Worker:
             trail.append(Event(m.id, "deferred", worker=self.name, provider=e.provider, detail=e.reason))
             return Outcome(m.id, m.lease_token, Status.QUEUED, next_at=e.until, events=trail)
         except PermanentError as e:
-            self.counters.failed += 1
-            trail.append(self._attempt_failed(m, e))
-            trail.append(Event(m.id, "failed", worker=self.name, provider=e.provider, code=e.code, detail=e.text))
-            return Outcome(m.id, m.lease_token, Status.FAILED, provider=e.provider, code=e.code, text=e.text, events=trail)
+            return self._permanent(m, e, trail)
         except TransientError as e:
             return self._transient(m, e, trail)
+        except ValidationError as e:
+            # the message cannot be built (e.g. stored before a stricter rule): no retry will help
+            return self._permanent(m, PermanentError(f"cannot build the message: {e}"), trail)
         except Exception as e:  # a bug in a provider must not lose the message: retry it
             log.exception("unexpected error sending %s", m.id)
             return self._transient(m, TransientError(f"internal error: {e!r}"), trail)
@@ -224,6 +230,12 @@ class Worker:
             provider_message_id=receipt.provider_message_id,
             events=trail,
         )
+
+    def _permanent(self, m: ClaimedMessage, e: PermanentError, trail: list[Event]) -> Outcome:
+        self.counters.failed += 1
+        trail.append(self._attempt_failed(m, e))
+        trail.append(Event(m.id, "failed", worker=self.name, provider=e.provider, code=e.code, detail=e.text))
+        return Outcome(m.id, m.lease_token, Status.FAILED, provider=e.provider, code=e.code, text=e.text, events=trail)
 
     def _attempt_failed(self, m: ClaimedMessage, e: ProviderError) -> Event:
         return Event(m.id, "attempt_failed", worker=self.name, provider=e.provider, code=e.code, detail=e.text)
