@@ -183,3 +183,21 @@ async def test_stop_drains_in_flight_sends_and_releases_the_rest(store: SQLiteSt
     assert {r.status for r in recs} == {Status.QUEUED}  # none lost, none left "sending"
     assert all(r.events[-1].type == "released" and r.attempts == 0 for r in recs)
     assert await store.claim("next", 10, 30)  # claimable at once by the next worker
+
+
+async def test_a_message_that_cannot_be_built_fails_without_retrying(store: SQLiteStore) -> None:
+    from postroom.testing import RecordingProvider
+
+    bad = validate_message(body())
+    bad.content.headers["X-Bad"] = "smuggled\r\nBcc: victim@example.org"  # bypassing the door
+    (r,) = await store.enqueue([bad])
+    provider = RecordingProvider()
+    worker = Worker(store=store, router=FailoverRouter([provider]), retry=FAST_RETRY, idle_poll_s=0.05)
+
+    async def failed() -> bool:
+        return (await statuses(store, [r.id])) == [Status.FAILED]
+
+    await run_until(store, worker, failed)
+    rec = await store.get(r.id)
+    assert rec.attempts == 1 and "cannot build the message" in (rec.last_text or "")
+    assert provider.sent == []
