@@ -296,6 +296,8 @@ def send(ctx: click.Context, to: tuple[str, ...], subject: str, text: str | None
             (res,) = await store.enqueue([msg])
         finally:
             await store.close()
+        if isinstance(res, PostroomError):
+            raise res
         click.echo(f"{res.id} {res.status.value}")
 
     try:

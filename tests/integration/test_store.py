@@ -117,7 +117,7 @@ async def test_idempotency_key_returns_the_first_message_or_conflicts(store: Sto
     (clash,) = await store.enqueue([other])
     assert first.created and again.id == first.id and not again.created
     assert isinstance(clash, ConflictError)
-    page = await store.list(MessageFilter())
+    page = await store.list_messages(MessageFilter())
     assert len(page.items) == 1
 
 
@@ -135,14 +135,14 @@ async def test_cancel_only_what_has_not_started(store: Store) -> None:
 
 async def test_list_pages_newest_first_with_filters(store: Store) -> None:
     await store.enqueue([msg(i, tags=["news"] if i % 2 else ["receipt"]) for i in range(7)])
-    page1 = await store.list(MessageFilter(limit=3))
-    page2 = await store.list(MessageFilter(limit=3, cursor=page1.next_cursor))
-    page3 = await store.list(MessageFilter(limit=3, cursor=page2.next_cursor))
+    page1 = await store.list_messages(MessageFilter(limit=3))
+    page2 = await store.list_messages(MessageFilter(limit=3, cursor=page1.next_cursor))
+    page3 = await store.list_messages(MessageFilter(limit=3, cursor=page2.next_cursor))
     got = [r.id for r in page1.items + page2.items + page3.items]
     assert len(got) == 7 and got == sorted(got, reverse=True) and page3.next_cursor is None
-    news = await store.list(MessageFilter(tag="news"))
+    news = await store.list_messages(MessageFilter(tag="news"))
     assert len(news.items) == 3
-    to = await store.list(MessageFilter(to="user4@example.org"))
+    to = await store.list_messages(MessageFilter(to="user4@example.org"))
     assert [r.content["to"] for r in to.items] == [["user4@example.org"]]
 
 

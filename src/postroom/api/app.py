@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -103,8 +103,8 @@ def create_app(
         routing = build_routing_view(settings, store)
     routing_view = routing
 
-    async def enqueue_many(msgs: list[NewMessage]) -> list[EnqueueResult | BaseException]:
-        return list(await store.enqueue(msgs))  # type: ignore[arg-type]
+    async def enqueue_many(msgs: Sequence[NewMessage]) -> list[EnqueueResult | BaseException]:
+        return list(await store.enqueue(msgs))
 
     committer: GroupCommit[NewMessage, EnqueueResult] = GroupCommit(enqueue_many, max_batch=2000)
 
@@ -286,8 +286,10 @@ def create_app(
             )
         results: list[dict[str, Any]] = [{} for _ in items]
         if valid:
-            stored = await store.enqueue([m for _, m in valid], atomic=atomic)  # type: ignore[call-arg]
+            stored = await store.enqueue([m for _, m in valid], atomic=atomic)
             for (i, _), r in zip(valid, stored, strict=True):
+                if isinstance(r, ConflictError):  # only with idempotency keys, which batches do not take
+                    raise r
                 results[i] = {"index": i, "id": r.id, "status": r.status.value}
         for i, e in errors.items():
             results[i] = {"index": i, "error": e}
@@ -313,7 +315,7 @@ def create_app(
     ) -> Response:
         from postroom.domain.validate import _send_at as parse_time
 
-        page = await store.list(
+        page = await store.list_messages(
             MessageFilter(
                 status=status,
                 tag=tag,

@@ -18,6 +18,10 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _addresses(xs: list[Any]) -> list[str]:
+    return [a if isinstance(a, str) else f"{a[1]} <{a[0]}>" for a in xs]
+
+
 def message_view(r: MessageRecord, *, full: bool = False) -> dict[str, Any]:
     c = r.content
     d: dict[str, Any] = {
@@ -38,12 +42,11 @@ def message_view(r: MessageRecord, *, full: bool = False) -> dict[str, Any]:
         "provider_reply": {"code": r.last_code, "text": r.last_text} if r.last_text or r.last_code else None,
     }
     if full:
-        fmt = lambda xs: [a if isinstance(a, str) else f"{a[1]} <{a[0]}>" for a in xs]  # noqa: E731
         d.update(
             {
-                "cc": fmt(c.get("cc", [])),
-                "bcc": fmt(c.get("bcc", [])),
-                "reply_to": fmt(c.get("reply_to", [])),
+                "cc": _addresses(c.get("cc", [])),
+                "bcc": _addresses(c.get("bcc", [])),
+                "reply_to": _addresses(c.get("reply_to", [])),
                 "message_id": c["message_id"],
                 "source": r.source,
                 "metadata": c.get("metadata", {}),
@@ -89,14 +92,14 @@ def captured_view(m: CapturedMail, *, full: bool = False) -> dict[str, Any]:
         text = parsed.get_body(("plain",))
         html = parsed.get_body(("html",))
         d["headers"] = [[k, str(v)] for k, v in parsed.items()]
-        d["text"] = text.get_content() if text is not None else None  # type: ignore[attr-defined]
-        d["html"] = html.get_content() if html is not None else None  # type: ignore[attr-defined]
+        d["text"] = text.get_content() if text is not None else None
+        d["html"] = html.get_content() if html is not None else None
         d["attachments"] = [
             {
                 "filename": part.get_filename(),
                 "content_type": part.get_content_type(),
                 "size": len(part.get_payload(decode=True) or b""),
             }
-            for part in parsed.iter_attachments()  # type: ignore[attr-defined]
+            for part in parsed.iter_attachments()
         ]
     return d

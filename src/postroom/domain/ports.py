@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from postroom.domain.errors import ConflictError
 from postroom.domain.model import (
     ClaimedMessage,
     Event,
@@ -143,8 +144,8 @@ class Store(Protocol):
 
     # -- the hot path -------------------------------------------------------------------------
     async def enqueue(
-        self, messages: Sequence[NewMessage], *, key_id: str | None = None
-    ) -> list[EnqueueResult]:
+        self, messages: Sequence[NewMessage], *, key_id: str | None = None, atomic: bool = False
+    ) -> list[EnqueueResult | ConflictError]:
         """Store messages in one transaction. A reused idempotency key returns the earlier message
         (created=False); with a different request hash it raises ConflictError for that item, which
         the caller sees as the item's result (an exception instance in the list)."""
@@ -181,7 +182,7 @@ class Store(Protocol):
     # -- queries and actions for the doors --------------------------------------------------
     async def get(self, message_id: str, *, with_events: bool = True) -> MessageRecord: ...
 
-    async def list(self, flt: MessageFilter) -> MessagePage: ...
+    async def list_messages(self, flt: MessageFilter) -> MessagePage: ...
 
     async def cancel(self, message_id: str) -> MessageRecord: ...
 

@@ -357,7 +357,7 @@ class PostgresStore:
             pool, self._pool = self._pool, None
             try:
                 await asyncio.wait_for(pool.close(), 10)
-            except (TimeoutError, *_UNAVAILABLE):
+            except _UNAVAILABLE:  # TimeoutError included
                 pool.terminate()
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, tx: bool = True) -> T:
@@ -594,7 +594,7 @@ class PostgresStore:
 
         return await self._run(q, tx=with_events)  # one snapshot for the row and its events
 
-    async def list(self, flt: MessageFilter) -> MessagePage:
+    async def list_messages(self, flt: MessageFilter) -> MessagePage:
         where: list[str] = []
         params: list[Any] = []
 

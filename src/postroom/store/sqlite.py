@@ -500,8 +500,9 @@ class SQLiteStore:
 
         return await self._r(q)
 
-    async def list(self, flt: MessageFilter) -> MessagePage:
-        where, params = [], []
+    async def list_messages(self, flt: MessageFilter) -> MessagePage:
+        where: list[str] = []
+        params: list[Any] = []
         if flt.status is not None:
             where.append("m.status = ?")
             params.append(flt.status.value)

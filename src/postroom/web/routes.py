@@ -328,7 +328,7 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
     async def overview_parts(range_name: str) -> dict[str, Any]:
         stats = await monitor.stats()
         workers, providers = await monitor.workers(), await monitor.providers()
-        recent = await store.list(MessageFilter(limit=8))
+        recent = await store.list_messages(MessageFilter(limit=8))
         return {
             "fragments": {
                 "counts": fragment("_counts.html", stats=stats),
@@ -420,7 +420,7 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
         except ValueError:
             error = "Check the filters: the status or a time is not valid."
             flt = MessageFilter(limit=PAGE_SIZE)
-        page_ = await store.list(flt)
+        page_ = await store.list_messages(flt)
         keep = {k: v for k, v in f.items() if v and k != "cursor"}
         if q.get("tz_offset"):
             keep["tz_offset"] = q["tz_offset"]
@@ -532,9 +532,7 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
     # -- inbox ------------------------------------------------------------------------------
     async def inbox(request: Request, session: Session) -> Response:
         before = request.query_params.get("before") or None
-        items: list[CapturedMail] = cast(
-            "list[CapturedMail]", await store.inbox(limit=PAGE_SIZE + 1, before=before)
-        )
+        items = await store.inbox(limit=PAGE_SIZE + 1, before=before)
         more = len(items) > PAGE_SIZE
         items = items[:PAGE_SIZE]
         next_url = "/inbox?" + urlencode({"before": items[-1].id}) if more else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 import contextlib
 import logging
 import os
@@ -93,8 +94,8 @@ class Worker:
         self._stopping.set()
         self._room.set()
 
-    async def _record(self, outcomes: list[Outcome]) -> list[bool]:
-        return await self.store.record(outcomes, worker=self.name)
+    async def _record(self, outcomes: Sequence[Outcome]) -> list[bool | BaseException]:
+        return list(await self.store.record(outcomes, worker=self.name))
 
     def info(self) -> WorkerInfo:
         """This worker as the registry shows it (GET /v1/workers)."""
