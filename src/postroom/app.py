@@ -148,22 +148,24 @@ def build_providers(settings: Settings, store: Store) -> list[Provider]:
     return [build_provider(p, store) for p in configured]
 
 
-def provider_limits(p: ProviderSettings) -> list[Limit]:
+def provider_limits(p: ProviderSettings, margin: float) -> list[Limit]:
     out = []
     if p.rate:
-        out.append(Limit.rate(f"provider:{p.name}:rate", p.rate, p.burst))
+        out.append(Limit.rate(f"provider:{p.name}:rate", p.rate, p.burst, margin=margin))
     if p.min_interval:
-        out.append(Limit.gap(f"provider:{p.name}:gap", p.min_interval))
+        out.append(Limit.gap(f"provider:{p.name}:gap", p.min_interval, margin=margin))
     return out
 
 
 def domain_limits(settings: Settings) -> DomainLimits:
+    margin = settings.routing.rate_margin
+
     def limits(d: str, s: Any) -> list[Limit]:
         out = []
         if s.rate:
-            out.append(Limit.rate(f"domain:{d}", s.rate, s.burst))
+            out.append(Limit.rate(f"domain:{d}", s.rate, s.burst, margin=margin))
         if s.min_interval:
-            out.append(Limit.gap(f"domain:{d}", s.min_interval))
+            out.append(Limit.gap(f"domain:{d}", s.min_interval, margin=margin))
         return out
 
     overrides = {d.lower(): limits(d, s) for d, s in settings.domains.items() if d != "*"}
@@ -192,7 +194,7 @@ def build_router(
     r = settings.routing
     configured = settings.named_providers()
     providers = providers if providers is not None else build_providers(settings, store)
-    limits = {p.name: provider_limits(p) for p in configured}
+    limits = {p.name: provider_limits(p, r.rate_margin) for p in configured}
     routes = [
         Route(
             p,
@@ -229,7 +231,7 @@ def build_routing_view(settings: Settings, store: Store, *, router: Router | Non
     local = router if isinstance(router, RoutingRouter) else None
     return RoutingStatus(
         local.state if local is not None else build_routing_state(settings, store),
-        providers=[(p.name, p.kind, provider_limits(p)) for p in configured],
+        providers=[(p.name, p.kind, provider_limits(p, settings.routing.rate_margin)) for p in configured],
         domains=domain_limits(settings),
         recover_s=settings.routing.throttle_recover_s,
         router=local,

@@ -111,6 +111,12 @@ class RoutingSettings(BaseModel):
     max_wait_s: float = Field(
         1.0, ge=0, description="a rate-limit slot this close is waited for; later ones defer the message"
     )
+    rate_margin: float = Field(
+        0.05,
+        ge=0,
+        le=0.5,
+        description="share of each rate-limit window kept free for jitter (0.05: '50/s' sends 47.6/s)",
+    )
     adaptive: bool = Field(True, description="slow a domain down when it answers 421/450/451")
     throttle_initial_interval_s: float = Field(1.0, gt=0)
     throttle_max_interval_s: float = Field(60.0, gt=0)

@@ -77,6 +77,7 @@ class HTTPProvider:
     every step), request building and answer classification per API in the subclasses."""
 
     kind = "http"
+    uses_mime = False  # the router need not build MIME for it
     default_base_url = ""
 
     def __init__(

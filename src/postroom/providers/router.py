@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import socket
@@ -36,7 +37,7 @@ from postroom.domain.errors import Deferred, ProviderError, ProviderFault, Trans
 from postroom.domain.model import Event, Outgoing, Receipt
 from postroom.domain.ports import Provider
 from postroom.providers.breaker import Breaker
-from postroom.providers.limiter import Limit
+from postroom.providers.limiter import Grant, Limit
 from postroom.providers.state import MemoryState, RoutingState
 from postroom.providers.throttle import Throttler, read_throttles, signals_throttle
 
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 _SNAPSHOT_KEY = "router:"
 _SNAPSHOT_EVERY_S = 2.0
 _SNAPSHOT_TTL_S = 30.0
+_LATE_RETRIES = 5
+COLD_AFTER_S = 30.0  # a provider unused this long may need a new connection for its next send
+COLD_SEND_S = 0.1  # the share of a limit a cold send holds (a connection + TLS on a LAN)
 
 
 @dataclass(slots=True)
@@ -56,6 +60,7 @@ class Route:
     provider: Provider
     limits: list[Limit] = field(default_factory=list)
     breaker: Breaker = field(default_factory=Breaker)
+    last_slot_at: float = float("-inf")  # monotonic; when this process last took a slot for it
 
     @property
     def name(self) -> str:
@@ -136,6 +141,7 @@ class Router:
         self.max_wait_s = max_wait_s
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._defer_tat: dict[str, float] = {}  # spreads deferred messages over future slots
+        self.late_slots = 0  # slots given up because the loop woke too late for them
         self._publish_due = 0.0  # monotonic time of the next snapshot
         self._publishing: asyncio.Task[None] | None = None
         self._has_domain_limits = bool(self.domain_limits)
@@ -182,8 +188,11 @@ class Router:
                 continue
             limits = route.limits + domain_limits if domain_limits else route.limits
             if limits:
+                if getattr(route.provider, "uses_mime", True):
+                    # build the MIME before the slot, so the time from slot to wire stays short
+                    message.mime  # noqa: B018
                 try:
-                    grant = await self.state.acquire(limits, self.max_wait_s)
+                    grant = await self._take_slot(route, limits)
                 except Exception as e:
                     # the shared state is away: do not send blind past a limit; try again soon
                     breaker.abandon()
@@ -191,6 +200,11 @@ class Router:
                     raise Deferred(time.time() + 1.0, f"rate-limit state unavailable: {e}") from e
                 if not grant.ok:
                     breaker.abandon()
+                    if grant.blocking < 0:
+                        raise Deferred(
+                            time.time() + grant.wait_s,
+                            "the worker is too busy to send on its rate-limit slots",
+                        )
                     lim = limits[grant.blocking]
                     if lim.key.startswith(("domain:", "throttle:")):
                         until = self._spread(lim.key, time.time() + grant.wait_s, lim.interval_s)
@@ -205,8 +219,6 @@ class Router:
                         soonest_s, spread_key, spread_s = grant.wait_s, lim.key, lim.interval_s
                     continue
                 domain_limits = []  # the domain slots are taken; a failover does not retake them
-                if grant.wait_s > 0:
-                    await asyncio.sleep(grant.wait_s)
             try:
                 receipt = await route.provider.send(message)
             except ProviderFault as e:
@@ -256,6 +268,36 @@ class Router:
             )
         raise TransientError("no provider available: " + "; ".join(skipped))
 
+    async def _take_slot(self, route: Route, limits: list[Limit]) -> Grant:
+        """Reserve a slot and sleep until it.
+
+        * A send that wakes later than a quarter of the slack past its slot gives the slot up and
+          takes a new one: sent that late, it could share one window of the receiver with a send
+          made on time one period later.
+        * The first send through a provider in a while (a cold one: the provider opens a
+          connection, a TLS session) takes a wide slot, `COLD_SEND_S` of the limit to itself,
+          so that it may reach the receiver that much later without crowding the next ones."""
+        slack = [lim.slack_s for lim in limits if lim.slack_s > 0]
+        tolerance_s = min(slack) / 4 if slack else None
+        cost = 1
+        now = time.monotonic()
+        if now - route.last_slot_at > COLD_AFTER_S:
+            cost = max(1, math.ceil(COLD_SEND_S / min(lim.interval_s for lim in limits)))
+        route.last_slot_at = now
+        for _ in range(_LATE_RETRIES):
+            grant = await self.state.acquire(limits, self.max_wait_s, cost)
+            if not grant.ok:
+                return grant
+            for _ in range(3):  # a timer may fire a hair early: never send before the slot
+                delay = grant.at - time.time()
+                if delay <= 0:
+                    break
+                await asyncio.sleep(delay)
+            if tolerance_s is None or time.time() - grant.at <= tolerance_s:
+                return grant
+            self.late_slots += 1
+        return Grant(False, 0.1)
+
     def _spread(self, key: str, at: float, interval_s: float) -> float:
         """Deferred messages held up by one limit come back one slot apart, not all at once."""
         now = time.time()
@@ -272,6 +314,7 @@ class Router:
         return {
             "worker": self.name,
             "at": time.time(),
+            "late_slots": self.late_slots,
             "providers": {
                 r.name: {"kind": r.provider.kind, **r.breaker.snapshot()} for r in self.routes
             },

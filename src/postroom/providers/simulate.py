@@ -20,6 +20,7 @@ class SimulateProvider:
     """
 
     kind = "simulate"
+    uses_mime = False  # the router need not build MIME for it
 
     def __init__(
         self,

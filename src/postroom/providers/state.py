@@ -33,7 +33,7 @@ _TAT_TTL_S = 60.0  # a TAT this far in the past means nothing: let it go
 class RoutingState(Protocol):
     shared: bool  # True when other processes see the same state
 
-    async def acquire(self, limits: Sequence[Limit], max_wait_s: float) -> Grant:
+    async def acquire(self, limits: Sequence[Limit], max_wait_s: float, cost: int = 1) -> Grant:
         """Reserve a slot in every limit at once (see `limiter.gcra`)."""
         ...
 
@@ -57,8 +57,8 @@ class MemoryState:
         self._tats: dict[str, float] = {}
         self._values: dict[str, tuple[dict[str, Any], float]] = {}
 
-    async def acquire(self, limits: Sequence[Limit], max_wait_s: float) -> Grant:
-        grant, new = gcra(time.time(), self._tats, limits, max_wait_s)
+    async def acquire(self, limits: Sequence[Limit], max_wait_s: float, cost: int = 1) -> Grant:
+        grant, new = gcra(time.time(), self._tats, limits, max_wait_s, cost)
         self._tats.update(new)
         if len(self._tats) > 100_000:  # domains come and go; old TATs mean nothing
             now = time.time()
@@ -80,18 +80,19 @@ class MemoryState:
         return None
 
 
-# KEYS: one TAT key per limit. ARGV: max_wait_s, then interval_s and burst per limit.
-# Returns {ok (0/1), wait_s as a string, index of the blocking limit (1-based, 0 = none)}.
-# Redis's own clock is used so that hosts with skewed clocks still share one timeline.
+# KEYS: one TAT key per limit. ARGV: now (the caller's epoch s), max_wait_s, cost, then interval_s
+# and burst per limit. Returns {ok (0/1), wait_s, index of the blocking limit (1-based, 0 = none), at}.
+# Slots are on the callers' clock (not Redis's TIME) so that a worker sleeps until its slot exactly,
+# whatever the round trip took; numbers travel as strings (Redis truncates Lua floats).
 _GCRA_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local max_wait = tonumber(ARGV[1])
+local now = tonumber(ARGV[1])
+local max_wait = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
 local tats = {}
 local wait, blocking = 0, 0
 for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 * i])
-  local burst = tonumber(ARGV[2 * i + 1])
+  local interval = tonumber(ARGV[2 * i + 2])
+  local burst = tonumber(ARGV[2 * i + 3])
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat < now then tat = now end
   tats[i] = tat
@@ -99,20 +100,19 @@ for i = 1, #KEYS do
   if w > wait then wait, blocking = w, i end
 end
 if wait > max_wait then
-  return {0, string.format('%.6f', wait), blocking}
+  return {0, string.format('%.6f', wait), blocking, string.format('%.6f', now + wait)}
 end
 local at = now + wait
 for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 * i])
-  local tat = math.max(tats[i], at) + interval
+  local interval = tonumber(ARGV[2 * i + 2])
+  local tat = math.max(tats[i], at) + interval * cost
   redis.call('SET', KEYS[i], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 60000)
 end
-return {1, string.format('%.6f', wait), blocking}
+return {1, string.format('%.6f', wait), blocking, string.format('%.6f', at)}
 """
 
 _BACKLOG_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local now = tonumber(ARGV[1])
 local out = {}
 for i = 1, #KEYS do
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
@@ -141,17 +141,21 @@ class RedisState:
     def _rkey(self, key: str) -> str:
         return f"{self.prefix}{_RATE_PREFIX}{key}"
 
-    async def acquire(self, limits: Sequence[Limit], max_wait_s: float) -> Grant:
-        args: list[Any] = [max_wait_s]
+    async def acquire(self, limits: Sequence[Limit], max_wait_s: float, cost: int = 1) -> Grant:
+        args: list[Any] = [repr(time.time()), max_wait_s, cost]
         for lim in limits:
-            args += [lim.interval_s, lim.burst]
-        ok, wait, blocking = await self._gcra(keys=[self._rkey(x.key) for x in limits], args=args)
-        return Grant(bool(ok), float(wait), int(blocking) - 1)
+            args += [repr(lim.interval_s), lim.burst]
+        ok, wait, blocking, at = await self._gcra(
+            keys=[self._rkey(x.key) for x in limits], args=args
+        )
+        return Grant(bool(ok), float(wait), int(blocking) - 1, float(at))
 
     async def backlog(self, limits: Sequence[Limit]) -> dict[str, float]:
         if not limits:
             return {}
-        out = await self._backlog(keys=[self._rkey(x.key) for x in limits])
+        out = await self._backlog(
+            keys=[self._rkey(x.key) for x in limits], args=[repr(time.time())]
+        )
         return {lim.key: float(v) for lim, v in zip(limits, out, strict=True)}
 
     async def put(self, key: str, value: dict[str, Any], ttl_s: float) -> None:
@@ -180,23 +184,25 @@ class StoreState:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._acquirer: GroupCommit[tuple[Sequence[Limit], float], Grant] = GroupCommit(
+        self._acquirer: GroupCommit[tuple[Sequence[Limit], float, int], Grant] = GroupCommit(
             self._acquire_many, max_batch=500
         )
 
-    async def acquire(self, limits: Sequence[Limit], max_wait_s: float) -> Grant:
-        return await self._acquirer.submit((limits, max_wait_s))
+    async def acquire(self, limits: Sequence[Limit], max_wait_s: float, cost: int = 1) -> Grant:
+        return await self._acquirer.submit((limits, max_wait_s, cost))
 
-    async def _acquire_many(self, reqs: Sequence[tuple[Sequence[Limit], float]]) -> list[Grant]:
-        keys = sorted({_RATE_PREFIX + lim.key for limits, _ in reqs for lim in limits})
+    async def _acquire_many(
+        self, reqs: Sequence[tuple[Sequence[Limit], float, int]]
+    ) -> list[Grant]:
+        keys = sorted({_RATE_PREFIX + lim.key for limits, _, _ in reqs for lim in limits})
 
         def update(rows: dict[str, str]) -> tuple[dict[str, tuple[str, float | None]], list[Grant]]:
             now = time.time()
             tats = {k[len(_RATE_PREFIX) :]: float(v) for k, v in rows.items()}
             changed: dict[str, float] = {}
             grants = []
-            for limits, max_wait_s in reqs:
-                grant, new = gcra(now, tats, limits, max_wait_s)
+            for limits, max_wait_s, cost in reqs:
+                grant, new = gcra(now, tats, limits, max_wait_s, cost)
                 tats.update(new)
                 changed.update(new)
                 grants.append(grant)

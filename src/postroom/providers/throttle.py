@@ -161,7 +161,11 @@ class Throttler:
         for d in domains:
             t = self._local.get(d)
             gap = t.gap_s(now, self.recover_s, self.floor_s) if t else 0.0
-            interval = min(self.max_interval_s, max(self.initial_interval_s, gap * 2))
+            if t is not None and now - t.since < t.interval_s:
+                # refusals of sends already in flight: one tightening per interval, not one each
+                interval = t.interval_s
+            else:
+                interval = min(self.max_interval_s, max(self.initial_interval_s, gap * 2))
             pause = now + min(e.retry_after_s, self.max_pause_s) if e.retry_after_s else 0.0
             t = DomainThrottle(
                 d,
