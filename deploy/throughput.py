@@ -23,7 +23,7 @@ import asyncpg
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.load import post_all  # noqa: E402
+from bench.load import post_all
 
 POSTROOM = [sys.executable, "-m", "postroom.cli"]
 
@@ -42,6 +42,41 @@ async def fetchval(url: str, q: str) -> int:
         return int(await conn.fetchval(q) or 0)
     finally:
         await conn.close()
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by `pid` and its children's live processes."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(d) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def postgres_cpu_s() -> float:
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        name, rest = raw.split("(", 1)[1].rsplit(")", 1)
+        if name.startswith("postgres"):
+            fields = rest.split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def main() -> None:
@@ -112,6 +147,14 @@ def main() -> None:
             )
         )
         time.sleep(2.0)  # workers connected and idle
+        roles = {
+            "api": [p.pid for p in procs[1 : 1 + len(ports)]],
+            "workers": [procs[-1].pid],
+            "smtp-sink": [procs[0].pid],
+        }
+        cpu0 = {r: sum(cpu_s(p) for p in pids) for r, pids in roles.items()}
+        pg0 = postgres_cpu_s()
+        wall0 = time.monotonic()
 
         def body(i: int) -> dict[str, object]:
             return {
@@ -158,11 +201,17 @@ def main() -> None:
                 break
             time.sleep(0.05)
         done = time.monotonic()
+        cpu = {r: sum(cpu_s(p) for p in pids) - cpu0[r] for r, pids in roles.items()}
+        cpu["postgres"] = postgres_cpu_s() - pg0
         t0 = started[0]
         print(
             f"workers={args.workers}x{args.concurrency} apis={args.apis} messages={n} per_request={k}: "
             f"accepted {accepted} in {accepted_at - t0:.2f}s ({accepted / (accepted_at - t0):.0f}/s), "
             f"all sent after {done - t0:.2f}s ({n / (done - t0):.0f}/s end to end)"
+        )
+        print(
+            f"CPU seconds over {done - wall0:.1f}s: "
+            + ", ".join(f"{r} {c:.1f} ({c / n * 1e6:.0f} us/msg)" for r, c in cpu.items())
         )
     finally:
         for p in reversed(procs):

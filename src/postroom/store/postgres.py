@@ -74,6 +74,11 @@ _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.Seria
 _NOW = "(SELECT extract(epoch FROM clock_timestamp())::float8)"
 BUCKET_S = 10  # schema.THROUGHPUT_BUCKET_S: the throughput counters' resolution
 _BUCKET = f"(floor({_NOW} / {BUCKET_S}) * {BUCKET_S})::int8"
+# Claims, outcomes and lease renewals commit without waiting for the WAL flush (as SQLiteStore
+# fsyncs only what accepts messages): a database crash may forget the last few hundred ms of them,
+# which at worst sends a message again (at least once); accepting a message is always durable.
+# Set inside the statement, so each of these stays one round trip in its own implicit transaction.
+_NOT_DURABLE = "set_config('synchronous_commit', 'off', true) AS not_durable"
 _MSG_COLS = (
     "m.id, m.status, m.priority, m.next_at, m.created_at, m.updated_at, m.attempts, m.source,"
     " c.content, m.provider, m.provider_message_id, m.last_code, m.last_text, m.sent_at"
@@ -113,20 +118,27 @@ FROM messages m JOIN unnest($1::text[], $2::text[]) AS k(key_id, idempotency_key
 """
 
 _CLAIM_SQL = f"""
-WITH now AS MATERIALIZED (SELECT {_NOW} AS t),
+WITH now AS MATERIALIZED (SELECT {_NOW} AS t, {_NOT_DURABLE}),
 picked AS (
-    SELECT id, status AS old_status, lease_owner AS old_owner, next_at AS due
-    FROM messages
-    WHERE next_at IS NOT NULL AND next_at <= (SELECT t FROM now)
-    ORDER BY priority, next_at
+    -- one index range scan per priority, highest first, locking rows as they are taken: the plan
+    -- stays an index scan whatever the planner believes about `now` or the table's size
+    SELECT q.* FROM (VALUES (0), (1), (2)) AS p(priority)
+    CROSS JOIN LATERAL (
+        SELECT ctid AS row_id, id, status AS old_status, lease_owner AS old_owner,
+               next_at AS due, priority
+        FROM messages
+        WHERE priority = p.priority AND next_at IS NOT NULL AND next_at <= (SELECT t FROM now)
+        ORDER BY next_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) q
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
 ), upd AS (
     UPDATE messages m
     SET status = 'sending', lease_owner = $1, lease_token = m.lease_token + 1,
         attempts = m.attempts + 1, next_at = now.t + $3, updated_at = now.t
     FROM picked p, now
-    WHERE m.id = p.id
+    WHERE m.ctid = p.row_id  -- the locked row itself (a TID scan, no index lookup)
     RETURNING m.id, m.attempts, m.lease_token, m.created_at, m.priority, m.updated_at,
               p.old_status, p.old_owner, p.due
 ), ev AS (
@@ -145,7 +157,7 @@ ORDER BY u.priority, u.due
 """
 
 _RECORD_SQL = f"""
-WITH now AS MATERIALIZED (SELECT {_NOW} AS t),
+WITH now AS MATERIALIZED (SELECT {_NOW} AS t, {_NOT_DURABLE}),
 o AS (
     SELECT * FROM unnest($1::text[], $2::int4[], $3::text[], $4::float8[], $5::text[],
                          $6::text[], $7::int4[], $8::text[], $9::int4[])
@@ -464,11 +476,13 @@ class PostgresStore:
                     results.append(EnqueueResult(e[2], Status(e[4]), created=False))
             return results
 
-        return await self._run(tx)
+        return await self._run(tx, tx=bool(keyed))
 
     # -- claim / record ---------------------------------------------------------------------
     async def claim(self, worker: str, limit: int, lease_s: float) -> list[ClaimedMessage]:
-        rows = await self._run(lambda c: c.fetch(_CLAIM_SQL, worker, limit, float(lease_s)))
+        rows = await self._run(
+            lambda c: c.fetch(_CLAIM_SQL, worker, limit, float(lease_s)), tx=False
+        )
         return [
             ClaimedMessage(
                 id=r[0],
@@ -514,7 +528,9 @@ class PostgresStore:
                 ):
                     col.append(v)
         accepted = set(
-            await self._run(lambda c: c.fetchval(_RECORD_SQL, *o_cols, *e_cols, worker, requeued))
+            await self._run(
+                lambda c: c.fetchval(_RECORD_SQL, *o_cols, *e_cols, worker, requeued), tx=False
+            )
         )
         return [i in accepted for i in range(1, len(outcomes) + 1)]
 
@@ -525,7 +541,9 @@ class PostgresStore:
             return 0
         ids = [c[0] for c in claims]
         tokens = [c[1] for c in claims]
-        status = await self._run(lambda c: c.execute(_EXTEND_SQL, ids, tokens, float(lease_s)))
+        status = await self._run(
+            lambda c: c.execute(_EXTEND_SQL, ids, tokens, float(lease_s)), tx=False
+        )
         return int(status.rsplit(" ", 1)[-1])
 
     # -- the worker registry ----------------------------------------------------------------
@@ -559,7 +577,9 @@ class PostgresStore:
         return [WorkerInfo(*r) for r in rows]
 
     async def release_stale(self, stale_after_s: float) -> int:
-        n: int = await self._run(lambda c: c.fetchval(_RELEASE_STALE_SQL, float(stale_after_s)))
+        n: int = await self._run(
+            lambda c: c.fetchval(_RELEASE_STALE_SQL, float(stale_after_s)), tx=False
+        )
         if n:
             await self._run(lambda c: c.execute(f"NOTIFY {CHANNEL}"), tx=False)
         return n
