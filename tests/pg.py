@@ -35,6 +35,30 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _drop_orphans() -> None:
+    """Drop test databases left by sessions that died (their pid is gone)."""
+    conn = await asyncpg.connect(ADMIN_URL, timeout=10)
+    try:
+        for (name,) in await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname ~ '^postroom_(t|tpl)_[0-9]+_'"
+        ):
+            pid = int(name.split("_")[2])
+            if not _alive(pid):
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 def _in_thread(fn: Callable[[], T]) -> T:
     """Run blocking set-up (which itself uses asyncio.run) off the test's event loop."""
     with ThreadPoolExecutor(1) as ex:
@@ -50,6 +74,7 @@ def template() -> str:
         name = f"postroom_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
 
         def make() -> None:
+            asyncio.run(_drop_orphans())
             asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
             upgrade(url_for(name))
 
