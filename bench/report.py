@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,17 +115,18 @@ def markdown_table(
     """
     head = ["scenario", "metric", "median", f"min {DASH} max", f"runs {TIMES} msgs"]
     head += [label for _, label in REFERENCES]
+    head.append("others' CPU")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     stale = False
     for name in names:
         entry = scenarios.get(name)
         if entry is None:
             if name in pending:
-                rows.append(f"| {name} | pending | | | |" + " |" * len(REFERENCES))
+                rows.append(f"| {name} | pending | | | |" + " |" * (len(REFERENCES) + 1))
             continue
         if entry.get("status") != "ok":
             error = " ".join(str(entry.get("error", "")).split()).replace("|", "/")[:160]
-            rows.append(f"| {name} | **failed**: {error} | | | |" + " |" * len(REFERENCES))
+            rows.append(f"| {name} | **failed**: {error} | | | |" + " |" * (len(REFERENCES) + 1))
             continue
         primary = entry["primary"]
         metrics = entry["metrics"]
@@ -149,8 +151,16 @@ def markdown_table(
                 if now and name in now and ref not in now:
                     mark, stale = "†", True
                 cells.append(_fmt_ratio(ref, r) + mark)
+            others = (
+                entry.get("environment", {}).get("cpu_used_by_others_during_each_run_pct") or []
+            )
+            cells.append(f"{statistics.median(others):.0f}%" if k == 0 and others else "")
             rows.append("| " + " | ".join(cells) + " |")
     table = "\n".join(rows)
+    table += (
+        "\n\nothers' CPU: median share of the machine's CPU used during the runs by processes the"
+        " harness did not start (other engineers' work, and the broker or database a peer uses)."
+    )
     if stale:
         table += "\n\n† reference scenario not re-run in this invocation: its figure is from an earlier run in the same results file."
     return table

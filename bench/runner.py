@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import resource
 import shutil
 import signal
 import statistics
@@ -43,6 +45,7 @@ class ScenarioResult:
     environment: dict[str, Any] = field(default_factory=dict)
     kept_dirs: list[str] = field(default_factory=list)
     busy_before_pct: list[float] = field(default_factory=list)
+    other_during_pct: list[float] = field(default_factory=list)
 
     def metrics(self) -> dict[str, dict[str, Any]]:
         return {name: summarize(vals) for name, vals in self.values.items()}
@@ -105,6 +108,43 @@ def cpu_busy_pct(sample_s: float = 1.0) -> float:
     total1, idle1 = snap()
     total = total1 - total0
     return 100.0 * (total - (idle1 - idle0)) / total if total > 0 else 0.0
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of the harness and every child it has reaped (and what they reaped)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class OtherLoad:
+    """How much of the machine processes outside this run used while it ran (in % of all CPUs).
+
+    Machine-wide busy time from /proc/stat minus the CPU of the harness and its
+    reaped children. Services the scenario uses but did not start (RabbitMQ,
+    PostgreSQL) count as "other" too, so a peer that leans on them shows some
+    even on an idle machine.
+    """
+
+    def __init__(self) -> None:
+        self.busy0, self.total0 = _cpu_jiffies()
+        self.own0 = _own_cpu_s()
+
+    def pct(self) -> float:
+        busy1, total1 = _cpu_jiffies()
+        hz = os.sysconf("SC_CLK_TCK")
+        total_s = (total1 - self.total0) / hz
+        other_s = (busy1 - self.busy0) / hz - (_own_cpu_s() - self.own0)
+        return max(0.0, 100.0 * other_s / total_s) if total_s > 0 else 0.0
 
 
 def wait_for_quiet(max_wait_s: float, busy_below_pct: float = 25.0) -> float:
@@ -188,20 +228,23 @@ def run_scenario(
                     info=result.info,
                 )
                 ok = False
+                other = OtherLoad()
                 try:
                     with _time_limit(budget_s + 30):  # the scenario's own waits use the budget
                         metrics = dict(sc.fn(ctx))
                     ok = True
                 finally:
                     procs.stop_all()
+                    other_pct = other.pct()
+                    result.other_during_pct.append(round(other_pct, 1))
                     if ok:
                         shutil.rmtree(work_dir, ignore_errors=True)
                     else:
                         result.kept_dirs.append(str(work_dir))
                 _record(result, metrics)
                 _log(
-                    f"{sc.name} run {i + 1}/{runs} (machine {busy:.0f}% busy before): "
-                    + _brief(metrics, sc.primary)
+                    f"{sc.name} run {i + 1}/{runs} (machine {busy:.0f}% busy before, "
+                    f"others {other_pct:.0f}% during): " + _brief(metrics, sc.primary)
                 )
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
