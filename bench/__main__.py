@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=None, metavar="S", help="time budget of one run in seconds"
     )
     p.add_argument(
+        "--verify",
+        action="store_true",
+        help="sinks dump every message and each recipient is checked "
+        "(slower: results go to results/verify.json)",
+    )
+    p.add_argument(
         "--quiet-wait",
         type=float,
         default=30.0,
@@ -56,7 +62,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    output = args.output or (QUICK_RESULTS_PATH if args.quick else report.RESULTS_PATH)
+    default_output = report.RESULTS_PATH
+    if args.verify:
+        default_output = report.RESULTS_PATH.with_name("verify.json")
+    elif args.quick:
+        default_output = QUICK_RESULTS_PATH
+    output = args.output or default_output
     if args.targets == ["list"]:
         for sc in SCENARIOS.values():
             print(f"{sc.name:20} {sc.messages:>9,} msgs  {sc.description}")
@@ -87,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 quick=args.quick,
                 timeout_s=args.timeout,
                 quiet_wait_s=args.quiet_wait,
+                verify=args.verify,
             )
         )
         report.merge_and_write(output, results)  # after each scenario: a later crash keeps it

@@ -116,7 +116,9 @@ class Context:
     ``runs``; ``work_dir`` is a fresh directory for this run (kept if the run
     fails); ``procs`` owns every child process and stops them after the run;
     ``state`` is what the scenario's ``setup`` yielded (``None`` without one);
-    ``info`` takes strings worth recording with the results (versions, settings).
+    ``info`` takes strings worth recording with the results (versions, settings);
+    ``verify`` is set by ``--verify`` (sinks dump messages, recipients are checked:
+    slower, so figures from such a run are not for the table).
     """
 
     scenario: str
@@ -129,20 +131,43 @@ class Context:
     deadline: float
     state: Any = None
     info: dict[str, str] = field(default_factory=dict)
+    verify: bool = False
+    _sinks: list[SMTPSink] = field(default_factory=list, repr=False)
+    _sent_bench_messages: bool = field(default=False, repr=False)
 
     def sink(self, *, dump: bool = False, extra_args: tuple[str, ...] = ()) -> SMTPSink:
-        """Start an ``smtp-sink`` on a free loopback port; it is stopped when the run ends."""
-        sink = SMTPSink(self.procs, self.work_dir, dump=dump, extra_args=extra_args)
+        """Start an ``smtp-sink`` on a free loopback port; it is stopped when the run ends.
+
+        With ``--verify`` the sink also dumps every message, and after the run the
+        harness checks that each expected recipient arrived exactly once.
+        """
+        sink = SMTPSink(self.procs, self.work_dir, dump=dump or self.verify, extra_args=extra_args)
         sink.start()
+        self._sinks.append(sink)
         return sink
+
+    def verify_delivery(self) -> None:
+        """Check the dumped recipients against ``user0…user{n-1}@example.com`` (``--verify`` only)."""
+        if not self.verify or not self._sent_bench_messages or not self._sinks:
+            return  # e.g. the limit scenario: smtp-source sends its own messages
+        expected = {_messages.envelope(m)[1][0] for m in self.message_list()}
+        for sink in self._sinks:
+            got = sink.recipients()
+            if len(got) == len(expected) and set(got) == expected:
+                self.log(f"verified: {len(got):,} recipients, each exactly once")
+                return
+        counts = [len(s.recipients()) for s in self._sinks]
+        raise AssertionError(f"delivery check failed: {len(expected)} expected, sinks got {counts}")
 
     def message_list(self, n: int | None = None, start: int = 0) -> list[dict[str, Any]]:
         """The benchmark messages (``bench.messages``), ``self.messages`` of them by default."""
+        self._sent_bench_messages = True
         return _messages.generate(self.messages if n is None else n, start)
 
     def messages_file(self, n: int | None = None) -> Path:
         """The same messages as JSON lines in ``work_dir``, for processes in another venv."""
         path = self.work_dir / "messages.jsonl"
+        self._sent_bench_messages = True
         return _messages.write_jsonl(path, self.messages if n is None else n)
 
     def remaining_s(self) -> float:

@@ -172,6 +172,7 @@ def run_scenario(
     quick: bool,
     timeout_s: float | None = None,
     quiet_wait_s: float = 0.0,
+    verify: bool = False,
 ) -> ScenarioResult:
     """Run ``sc`` ``runs`` times and summarise; a failure is recorded, not raised.
 
@@ -226,12 +227,14 @@ def run_scenario(
                     deadline=time.monotonic() + budget_s,
                     state=state,
                     info=result.info,
+                    verify=verify,
                 )
                 ok = False
                 other = OtherLoad()
                 try:
                     with _time_limit(budget_s + 30):  # the scenario's own waits use the budget
                         metrics = dict(sc.fn(ctx))
+                        ctx.verify_delivery()
                     ok = True
                 finally:
                     procs.stop_all()
