@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover - until then
     dot_stuff = _dot_stuff  # type: ignore[assignment,unused-ignore]
 
 
+_now = time.monotonic  # the watchdog's clock
 _QUIT_TIMEOUT_S = 5.0
 _MIN_UPLOAD_BYTES_PER_S = 100_000  # the payload step gets timeout_s plus its size at this rate
 _AUTH_CODES = frozenset({530, 534, 535, 538})  # auth required / too weak / failed / needs TLS
@@ -83,22 +84,34 @@ class _Stale(Exception):
     """A reused session turned out to be closed by the server while it sat idle."""
 
 
-async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """One reply: its code and its text (the lines of a multi-line reply joined by LF)."""
-    line = await reader.readuntil(b"\n")
+def _reply_line(line: bytes) -> tuple[int, bytes]:
+    """A one-line reply ("250 2.1.0 Ok\\r\\n"): the hot path, no coroutine."""
+    if not line[:3].isdigit():
+        raise _ProtocolError(f"not an SMTP reply: {line[:80]!r}")
+    return int(line[:3]), line[4:].rstrip()
+
+
+async def _reply_rest(reader: asyncio.StreamReader, line: bytes) -> tuple[int, bytes]:
+    """A reply whose first line is `line`, read to its last line (LF-joined text)."""
     code_b = line[:3]
     if not code_b.isdigit():
         raise _ProtocolError(f"not an SMTP reply: {line[:80]!r}")
-    if line[3:4] != b"-":
-        return int(code_b), line[4:].rstrip()
     parts = [line[4:].rstrip()]
-    while True:
+    while line[3:4] == b"-":
         line = await reader.readuntil(b"\n")
         if line[:3] != code_b:
             raise _ProtocolError(f"inconsistent multi-line reply: {line[:80]!r}")
         parts.append(line[4:].rstrip())
-        if line[3:4] != b"-":
-            return int(code_b), b"\n".join(parts)
+    return int(code_b), b"\n".join(parts)
+
+
+async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One reply: its code and its text (the lines of a multi-line reply joined by LF).
+
+    The transaction inlines this as `_reply_line(line) if line[3:4] == b" " else await
+    _reply_rest(reader, line)` to spare a coroutine per reply."""
+    line = await reader.readuntil(b"\n")
+    return _reply_line(line) if line[3:4] == b" " else await _reply_rest(reader, line)
 
 
 def _queue_id(text: bytes) -> str | None:
@@ -505,7 +518,7 @@ class SMTPProvider:
         to send in a next transaction (after 452 too many recipients)."""
         reader = session.reader
         writer = session.writer
-        loop = asyncio.get_running_loop()
+        readuntil = reader.readuntil
         step_s = self.timeout_s
 
         params = b""
@@ -542,14 +555,17 @@ class SMTPProvider:
         data_code = 0
         data_text = b""
         session.ok = False  # until the transaction ends cleanly
-        session.deadline = loop.time() + step_s  # each step moves it; the watchdog enforces it
+        session.deadline = _now() + step_s  # each step moves it; the watchdog enforces it
         self._watch(session)
         try:
             # MAIL FROM (and with PIPELINING: every RCPT TO and DATA in the same write)
             session.stage = "MAIL FROM"
             writer.write(group if pipelining else mail_cmd)
             try:
-                mail_code, mail_text = await _read_reply(reader)
+                line = await readuntil(b"\n")
+                mail_code, mail_text = (
+                    _reply_line(line) if line[3:4] == b" " else await _reply_rest(reader, line)
+                )
             except _CONNECTION_ERRORS:
                 if reused and not session.timed_out:
                     raise _Stale from None
@@ -564,8 +580,11 @@ class SMTPProvider:
                 for rcpt, cmd in zip(rcpts, rcpt_cmds, strict=True):
                     if not pipelining:
                         writer.write(cmd)
-                    session.deadline = loop.time() + step_s
-                    code, text = await _read_reply(reader)
+                    session.deadline = _now() + step_s
+                    line = await readuntil(b"\n")
+                    code, text = (
+                        _reply_line(line) if line[3:4] == b" " else await _reply_rest(reader, line)
+                    )
                     if code == 250 or code == 251:
                         accepted += 1
                     elif code == 421:
@@ -581,8 +600,11 @@ class SMTPProvider:
                     session.stage = "DATA"
                     if not pipelining:
                         writer.write(b"DATA\r\n")
-                    session.deadline = loop.time() + step_s
-                    data_code, data_text = await _read_reply(reader)
+                    session.deadline = _now() + step_s
+                    line = await readuntil(b"\n")
+                    data_code, data_text = (
+                        _reply_line(line) if line[3:4] == b" " else await _reply_rest(reader, line)
+                    )
                     if data_code == 421:
                         raise self._error(421, data_text, "DATA")
 
@@ -595,10 +617,13 @@ class SMTPProvider:
             else:
                 session.stage = "end of data"
                 writer.write(payload)
-                session.deadline = loop.time() + step_s + len(payload) / _MIN_UPLOAD_BYTES_PER_S
+                session.deadline = _now() + step_s + len(payload) / _MIN_UPLOAD_BYTES_PER_S
                 await writer.drain()
-                session.deadline = loop.time() + step_s
-                code, text = await _read_reply(reader)
+                session.deadline = _now() + step_s
+                line = await readuntil(b"\n")
+                code, text = (
+                    _reply_line(line) if line[3:4] == b" " else await _reply_rest(reader, line)
+                )
                 if code == 250:
                     session.ok = True
                     notes = [f"<{r}> {c} {_text(x)}" for r, c, x in refused] if refused else []
@@ -628,7 +653,7 @@ class SMTPProvider:
             self._busy.discard(session)
         # RSET, under the watchdog too; if it fails the session is dropped, the error stands.
         session.stage = "RSET"
-        session.deadline = loop.time() + step_s
+        session.deadline = _now() + step_s
         self._watch(session)
         try:
             writer.write(b"RSET\r\n")
@@ -648,15 +673,17 @@ class SMTPProvider:
             self._watchdog = asyncio.get_running_loop().call_later(self._tick_s, self._on_tick)
 
     def _on_tick(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = _now()
         for session in [s for s in self._busy if s.deadline <= now]:
             # Aborting wakes the pending read or drain with a connection error; the
             # transaction sees `timed_out` and reports a timeout. No task is cancelled.
             session.timed_out = True
             self._busy.discard(session)
             session.abort()
-        self._watchdog = loop.call_later(self._tick_s, self._on_tick) if self._busy else None
+        if self._busy:
+            self._watchdog = asyncio.get_running_loop().call_later(self._tick_s, self._on_tick)
+        else:
+            self._watchdog = None
 
     def _error(self, code: int, raw: bytes, stage: str) -> ProviderError:
         text = _text(raw)
