@@ -72,7 +72,9 @@ def build_provider(p: ProviderSettings, store: Store) -> Provider:
         try:
             return SimulateProvider(p.name, **sim)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"providers.{p.name}", str(e)) from None
+            field = str(e).split(" ", 1)[0]  # SimulateProvider's messages start with the field
+            where = f"providers.{p.name}" + (f".{field}" if field in sim else "")
+            raise ConfigError(where, str(e)) from None
     if p.kind in HTTP_KINDS:
         return _http_provider(p, extra)
     if p.kind == "ses":

@@ -228,7 +228,8 @@ class SendGridProvider(HTTPProvider):
         return d
 
     def message_id(self, response: httpx.Response) -> str | None:
-        return response.headers.get("x-message-id")
+        mid: str | None = response.headers.get("x-message-id")
+        return mid
 
     def error_text(self, response: httpx.Response) -> str:
         try:

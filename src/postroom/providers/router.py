@@ -36,7 +36,7 @@ from typing import Any
 from postroom.domain.errors import Deferred, ProviderError, ProviderFault, TransientError
 from postroom.domain.model import Event, Outgoing, Receipt
 from postroom.domain.ports import Provider
-from postroom.providers.breaker import Breaker
+from postroom.providers.breaker import Breaker, BreakerState
 from postroom.providers.limiter import Grant, Limit
 from postroom.providers.state import MemoryState, RoutingState
 from postroom.providers.throttle import Throttler, read_throttles, signals_throttle
@@ -188,6 +188,7 @@ class Router:
                 continue
             limits = route.limits + domain_limits if domain_limits else route.limits
             if limits:
+                opened_at = breaker.opened_at
                 if getattr(route.provider, "uses_mime", True):
                     # build the MIME before the slot, so the time from slot to wire stays short
                     message.mime  # noqa: B018
@@ -219,6 +220,12 @@ class Router:
                         soonest_s, spread_key, spread_s = grant.wait_s, lim.key, lim.interval_s
                     continue
                 domain_limits = []  # the domain slots are taken; a failover does not retake them
+                if breaker.state is BreakerState.OPEN and breaker.opened_at != opened_at:
+                    # it broke while this send waited for its slot
+                    why = "breaker opened while waiting for a rate-limit slot"
+                    skipped.append(f"{route.name}: {why}")
+                    trail.append(_event(message, "provider_skipped", route.name, why))
+                    continue
             try:
                 receipt = await route.provider.send(message)
             except ProviderFault as e:
@@ -408,7 +415,7 @@ class RoutingStatus:
                             "interval_s": round(lim.interval_s, 6),
                             "reserved_ahead_s": round(backlog.get(lim.key, 0.0), 3),
                             "recent_use": round(
-                                min(1.0, recent_sent * lim.interval_s / (window_s * lim.burst)), 3
+                                min(1.0, recent_sent * lim.interval_s / (window_s * lim.burst)), 6
                             ),
                         }
                         for lim in limits

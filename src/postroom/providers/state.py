@@ -206,7 +206,9 @@ class StoreState:
                 tats.update(new)
                 changed.update(new)
                 grants.append(grant)
-            writes = {_RATE_PREFIX + k: (repr(v), v + _TAT_TTL_S) for k, v in changed.items()}
+            writes: dict[str, tuple[str, float | None]] = {
+                _RATE_PREFIX + k: (repr(v), v + _TAT_TTL_S) for k, v in changed.items()
+            }
             return writes, grants
 
         return await self.store.state_update(keys, update)
