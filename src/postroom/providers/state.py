@@ -80,35 +80,56 @@ class MemoryState:
         return None
 
 
-# KEYS: one TAT key per limit. ARGV: now (the caller's epoch s), max_wait_s, cost, then interval_s
-# and burst per limit. Returns {ok (0/1), wait_s, index of the blocking limit (1-based, 0 = none), at}.
-# Slots are on the callers' clock (not Redis's TIME) so that a worker sleeps until its slot exactly,
-# whatever the round trip took; numbers travel as strings (Redis truncates Lua floats).
+# A batch of acquisitions in one call (the concurrent ones of a process, group-committed), each
+# as `gcra` does it, in order. KEYS: the TAT keys of every request, one after the other. ARGV: now
+# (the caller's epoch s), then per request: max_wait_s, cost, number of limits n, and n pairs of
+# interval_s and burst. Returns per request: ok (0/1), wait_s, index of the blocking limit (1-based,
+# 0 = none), at. Slots are on the callers' clock (not Redis's TIME) so that a worker sleeps until
+# its slot exactly, whatever the round trip took; numbers travel as strings (Redis truncates Lua
+# floats to integers).
 _GCRA_LUA = """
 local now = tonumber(ARGV[1])
-local max_wait = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local tats = {}
-local wait, blocking = 0, 0
-for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 * i + 2])
-  local burst = tonumber(ARGV[2 * i + 3])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if tat < now then tat = now end
-  tats[i] = tat
-  local w = tat - (burst - 1) * interval - now
-  if w > wait then wait, blocking = w, i end
+local out, tats, dirty = {}, {}, {}
+local a, k = 2, 1
+while a <= #ARGV do
+  local max_wait, cost, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  local mine = {}
+  local wait, blocking = 0, 0
+  for i = 1, n do
+    local key = KEYS[k + i - 1]
+    local tat = tats[key]
+    if tat == nil then
+      tat = tonumber(redis.call('GET', key) or '0')
+      tats[key] = tat
+    end
+    if tat < now then tat = now end
+    mine[i] = tat
+    local w = tat - (tonumber(ARGV[a + 2 * i - 1]) - 1) * tonumber(ARGV[a + 2 * i - 2]) - now
+    if w > wait then wait, blocking = w, i end
+  end
+  if wait > max_wait then
+    out[#out + 1] = 0
+  else
+    local at = now + wait
+    for i = 1, n do
+      local key = KEYS[k + i - 1]
+      local tat = math.max(mine[i], at) + tonumber(ARGV[a + 2 * i - 2]) * cost
+      tats[key] = tat
+      dirty[key] = tat
+    end
+    out[#out + 1] = 1
+  end
+  out[#out + 1] = string.format('%.6f', wait)
+  out[#out + 1] = blocking
+  out[#out + 1] = string.format('%.6f', now + wait)
+  a = a + 2 * n
+  k = k + n
 end
-if wait > max_wait then
-  return {0, string.format('%.6f', wait), blocking, string.format('%.6f', now + wait)}
+for key, tat in pairs(dirty) do
+  redis.call('SET', key, string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 60000)
 end
-local at = now + wait
-for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 * i + 2])
-  local tat = math.max(tats[i], at) + interval * cost
-  redis.call('SET', KEYS[i], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 60000)
-end
-return {1, string.format('%.6f', wait), blocking, string.format('%.6f', at)}
+return out
 """
 
 _BACKLOG_LUA = """
@@ -127,28 +148,55 @@ class RedisState:
 
     shared = True
 
-    def __init__(self, url: str, *, prefix: str = "postroom:", timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "postroom:",
+        timeout_s: float = 5.0,
+        max_connections: int = 16,
+    ) -> None:
         import redis.asyncio as aioredis
 
         self.url = url
         self.prefix = prefix
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        # a bounded pool: acquisitions are group-committed (one script call per batch), but
+        # snapshots, scans and many routers in one process must not open connections unbounded
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
         )
+        self._redis = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
         self._gcra = self._redis.register_script(_GCRA_LUA)
+        self._acquirer: GroupCommit[tuple[Sequence[Limit], float, int], Grant] = GroupCommit(
+            self._acquire_many, max_batch=200
+        )
         self._backlog = self._redis.register_script(_BACKLOG_LUA)
 
     def _rkey(self, key: str) -> str:
         return f"{self.prefix}{_RATE_PREFIX}{key}"
 
     async def acquire(self, limits: Sequence[Limit], max_wait_s: float, cost: int = 1) -> Grant:
-        args: list[Any] = [repr(time.time()), max_wait_s, cost]
-        for lim in limits:
-            args += [repr(lim.interval_s), lim.burst]
-        ok, wait, blocking, at = await self._gcra(
-            keys=[self._rkey(x.key) for x in limits], args=args
-        )
-        return Grant(bool(ok), float(wait), int(blocking) - 1, float(at))
+        return await self._acquirer.submit((limits, max_wait_s, cost))
+
+    async def _acquire_many(
+        self, reqs: Sequence[tuple[Sequence[Limit], float, int]]
+    ) -> list[Grant]:
+        keys: list[str] = []
+        args: list[Any] = [repr(time.time())]
+        for limits, max_wait_s, cost in reqs:
+            args += [max_wait_s, cost, len(limits)]
+            for lim in limits:
+                keys.append(self._rkey(lim.key))
+                args += [repr(lim.interval_s), lim.burst]
+        out = await self._gcra(keys=keys, args=args)
+        return [
+            Grant(bool(out[i]), float(out[i + 1]), int(out[i + 2]) - 1, float(out[i + 3]))
+            for i in range(0, len(out), 4)
+        ]
 
     async def backlog(self, limits: Sequence[Limit]) -> dict[str, float]:
         if not limits:
@@ -174,6 +222,7 @@ class RedisState:
         }
 
     async def close(self) -> None:
+        await self._acquirer.close()
         await self._redis.aclose()
 
 
