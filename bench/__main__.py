@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 from bench import report
 from bench.registry import SCENARIOS
@@ -48,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
         "(slower: results go to results/verify.json)",
     )
     p.add_argument(
+        "--max-others",
+        type=float,
+        default=15.0,
+        metavar="PCT",
+        help="repeat a run if other processes used more than PCT%% of the CPUs during it (default 15)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="how often a disturbed run is repeated; the least disturbed attempt is kept (default 2)",
+    )
+    p.add_argument(
         "--quiet-wait",
         type=float,
         default=30.0,
@@ -60,7 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Unwind normally so every run's finally-blocks stop the processes it started.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = _parser().parse_args(argv)
     default_output = report.RESULTS_PATH
     if args.verify:
@@ -99,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 timeout_s=args.timeout,
                 quiet_wait_s=args.quiet_wait,
                 verify=args.verify,
+                max_others_pct=args.max_others,
+                retries=args.retries,
             )
         )
         report.merge_and_write(output, results)  # after each scenario: a later crash keeps it

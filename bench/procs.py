@@ -21,27 +21,69 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["Proc", "ProcessGroup", "group_cpu_s", "stop_process_group", "wait_until"]
+__all__ = [
+    "Proc",
+    "ProcessGroup",
+    "group_cpu_s",
+    "orphaned_cpu_s",
+    "stop_process_group",
+    "wait_until",
+]
 
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 _LIVE: weakref.WeakSet[ProcessGroup] = weakref.WeakSet()
 
 
+_orphaned_cpu_s = 0.0
+
+
+def orphaned_cpu_s() -> float:
+    """CPU seconds of stopped children's descendants that no ``wait`` of ours accounted for.
+
+    ``getrusage(RUSAGE_CHILDREN)`` only counts what was reaped along the chain
+    back to us; a worker's pool process killed with its group and reaped by
+    init is missing from it. :func:`stop_process_group` adds that part here so
+    CPU accounting (the runner's "others" share) stays whole.
+    """
+    return _orphaned_cpu_s
+
+
+def _reap(popen: subprocess.Popen[Any], timeout_s: float) -> float | None:
+    """Wait for the child with ``wait4``; return its CPU seconds (with what it reaped), None on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            pid, status, usage = os.wait4(popen.pid, os.WNOHANG)
+        except ChildProcessError:  # already reaped (by Popen.poll)
+            popen.wait()
+            return 0.0
+        if pid == popen.pid:
+            popen.returncode = os.waitstatus_to_exitcode(status)
+            return float(usage.ru_utime + usage.ru_stime)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+
+
 def stop_process_group(popen: subprocess.Popen[Any], grace_s: float = 5.0) -> int | None:
     """SIGTERM the child's process group, wait up to ``grace_s``, then SIGKILL it. Returns the exit code."""
-    if popen.poll() is None:
+    global _orphaned_cpu_s
+    group_s = group_cpu_s(popen.pid) if popen.poll() is None else 0.0
+    leader_s: float | None = 0.0
+    if popen.returncode is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(popen.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(timeout=grace_s)
+        leader_s = _reap(popen, grace_s)
     # Grandchildren (a Celery worker's pool, say) may outlive the leader: kill the group regardless.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(popen.pid, signal.SIGKILL)
-    try:
-        popen.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        return None
+    if popen.returncode is None:
+        leader_s = _reap(popen, grace_s)
+        if popen.returncode is None:
+            return None
+    if group_s and leader_s is not None:
+        _orphaned_cpu_s += max(0.0, group_s - leader_s)
     return popen.returncode
 
 

@@ -158,8 +158,8 @@ def markdown_table(
             rows.append("| " + " | ".join(cells) + " |")
     table = "\n".join(rows)
     table += (
-        "\n\nothers' CPU: median share of the machine's CPU used during the runs by processes the"
-        " harness did not start (other engineers' work, and the broker or database a peer uses)."
+        "\n\nothers' CPU: median share of the machine's CPUs used during the runs by processes"
+        " the harness did not start (other engineers' work), not counting RabbitMQ and PostgreSQL."
     )
     if stale:
         table += "\n\n† reference scenario not re-run in this invocation: its figure is from an earlier run in the same results file."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import resource
 import shutil
 import signal
@@ -19,7 +20,7 @@ from types import FrameType
 from typing import Any
 
 from bench.envinfo import environment
-from bench.procs import ProcessGroup
+from bench.procs import ProcessGroup, orphaned_cpu_s
 from bench.registry import Context, Scenario
 
 __all__ = ["RunTimeout", "ScenarioResult", "run_scenario", "summarize"]
@@ -46,6 +47,8 @@ class ScenarioResult:
     kept_dirs: list[str] = field(default_factory=list)
     busy_before_pct: list[float] = field(default_factory=list)
     other_during_pct: list[float] = field(default_factory=list)
+    services_during_pct: list[float] = field(default_factory=list)
+    discarded: int = 0
 
     def metrics(self) -> dict[str, dict[str, Any]]:
         return {name: summarize(vals) for name, vals in self.values.items()}
@@ -64,6 +67,9 @@ class ScenarioResult:
             "environment": {
                 **self.environment,
                 "cpu_busy_before_each_run_pct": self.busy_before_pct,
+                "cpu_used_by_others_during_each_run_pct": self.other_during_pct,
+                "cpu_used_by_services_during_each_run_pct": self.services_during_pct,
+                "disturbed_attempts_discarded": self.discarded,
             },
         }
 
@@ -123,28 +129,64 @@ def _own_cpu_s() -> float:
     """CPU seconds of the harness and every child it has reaped (and what they reaped)."""
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + orphaned_cpu_s()
+
+
+SERVICE_USERS = ("rabbitmq", "postgres")
+"""Owners of the machine's shared services; their CPU is reported apart from other engineers' work."""
+
+
+def _service_uids() -> set[int]:
+    uids = set()
+    for name in SERVICE_USERS:
+        with contextlib.suppress(KeyError):
+            uids.add(pwd.getpwnam(name).pw_uid)
+    return uids
+
+
+def _service_cpu_s(uids: set[int]) -> float:
+    """CPU seconds of the service users' processes, including children they reaped (short backends)."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid not in uids:
+                continue
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2 :].split()
+        ticks += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class OtherLoad:
-    """How much of the machine processes outside this run used while it ran (in % of all CPUs).
+    """How much of the machine others used while a run ran, in % of all CPUs.
 
-    Machine-wide busy time from /proc/stat minus the CPU of the harness and its
-    reaped children. Services the scenario uses but did not start (RabbitMQ,
-    PostgreSQL) count as "other" too, so a peer that leans on them shows some
-    even on an idle machine.
+    Machine-wide busy time from /proc/stat, minus the CPU of the harness and
+    its reaped children, minus the shared services (RabbitMQ, PostgreSQL),
+    which are reported on their own: a peer that leans on them makes them
+    busy even on an idle machine, and so may other engineers' tests.
     """
 
     def __init__(self) -> None:
+        self.uids = _service_uids()
         self.busy0, self.total0 = _cpu_jiffies()
         self.own0 = _own_cpu_s()
+        self.services0 = _service_cpu_s(self.uids)
 
-    def pct(self) -> float:
+    def pcts(self) -> tuple[float, float]:
+        """(others, services) in % of all CPUs since construction."""
         busy1, total1 = _cpu_jiffies()
         hz = os.sysconf("SC_CLK_TCK")
         total_s = (total1 - self.total0) / hz
-        other_s = (busy1 - self.busy0) / hz - (_own_cpu_s() - self.own0)
-        return max(0.0, 100.0 * other_s / total_s) if total_s > 0 else 0.0
+        if total_s <= 0:
+            return 0.0, 0.0
+        services_s = _service_cpu_s(self.uids) - self.services0
+        other_s = (busy1 - self.busy0) / hz - (_own_cpu_s() - self.own0) - services_s
+        return max(0.0, 100.0 * other_s / total_s), max(0.0, 100.0 * services_s / total_s)
 
 
 def wait_for_quiet(max_wait_s: float, busy_below_pct: float = 25.0) -> float:
@@ -173,12 +215,18 @@ def run_scenario(
     timeout_s: float | None = None,
     quiet_wait_s: float = 0.0,
     verify: bool = False,
+    max_others_pct: float = 100.0,
+    retries: int = 0,
 ) -> ScenarioResult:
     """Run ``sc`` ``runs`` times and summarise; a failure is recorded, not raised.
 
     Each run gets a fresh work directory and process group; every process is
     stopped after the run whatever happened. The first failing run ends the
     scenario (its work directory is kept for the logs).
+
+    The machine is shared: a run during which other processes used more than
+    ``max_others_pct`` of the CPUs is repeated, up to ``retries`` times, and the
+    least disturbed attempt is kept (the number discarded is recorded).
     """
     n = messages if messages is not None else (sc.quick_messages if quick else sc.messages)
     budget_s = timeout_s if timeout_s is not None else sc.timeout_s
@@ -212,43 +260,35 @@ def run_scenario(
                 with _time_limit(budget_s):
                     state = stack.enter_context(sc.setup(setup_ctx))
             for i in range(runs):
-                busy = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else cpu_busy_pct(0.5)
-                result.busy_before_pct.append(round(busy, 1))
-                work_dir = Path(tempfile.mkdtemp(prefix=f"postroom-bench-{sc.name}-{i + 1}-"))
-                procs = ProcessGroup(work_dir)
-                ctx = Context(
-                    scenario=sc.name,
-                    messages=n,
-                    runs=runs,
-                    run=i,
-                    quick=quick,
-                    work_dir=work_dir,
-                    procs=procs,
-                    deadline=time.monotonic() + budget_s,
-                    state=state,
-                    info=result.info,
-                    verify=verify,
-                )
-                ok = False
-                other = OtherLoad()
-                try:
-                    with _time_limit(budget_s + 30):  # the scenario's own waits use the budget
-                        metrics = dict(sc.fn(ctx))
-                        ctx.verify_delivery()
-                    ok = True
-                finally:
-                    procs.stop_all()
-                    other_pct = other.pct()
-                    result.other_during_pct.append(round(other_pct, 1))
-                    if ok:
-                        shutil.rmtree(work_dir, ignore_errors=True)
+                best: tuple[float, float, float, dict[str, float]] | None = None
+                for attempt in range(1 + max(0, retries)):
+                    busy = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else cpu_busy_pct(0.5)
+                    metrics, others, services = _one_run(
+                        sc, result, i, n, runs, quick, budget_s, state, verify
+                    )
+                    _log(
+                        f"{sc.name} run {i + 1}/{runs} (machine {busy:.0f}% busy before; during: "
+                        f"others {others:.0f}%, services {services:.0f}%): "
+                        + _brief(metrics, sc.primary)
+                    )
+                    if best is None or others < best[1]:
+                        if best is not None:
+                            result.discarded += 1
+                        best = (busy, others, services, metrics)
                     else:
-                        result.kept_dirs.append(str(work_dir))
+                        result.discarded += 1
+                    if others <= max_others_pct:
+                        break
+                    if attempt < retries:
+                        _log(
+                            f"{sc.name}: others used {others:.0f}% > {max_others_pct:.0f}%: run again"
+                        )
+                assert best is not None
+                busy, others, services, metrics = best
+                result.busy_before_pct.append(round(busy, 1))
+                result.other_during_pct.append(round(others, 1))
+                result.services_during_pct.append(round(services, 1))
                 _record(result, metrics)
-                _log(
-                    f"{sc.name} run {i + 1}/{runs} (machine {busy:.0f}% busy before, "
-                    f"others {other_pct:.0f}% during): " + _brief(metrics, sc.primary)
-                )
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -266,6 +306,50 @@ def run_scenario(
         else:
             shutil.rmtree(setup_dir, ignore_errors=True)
     return result
+
+
+def _one_run(
+    sc: Scenario,
+    result: ScenarioResult,
+    i: int,
+    n: int,
+    runs: int,
+    quick: bool,
+    budget_s: float,
+    state: Any,
+    verify: bool,
+) -> tuple[dict[str, float], float, float]:
+    """One run in a fresh work dir and process group: (metrics, others %, services %)."""
+    work_dir = Path(tempfile.mkdtemp(prefix=f"postroom-bench-{sc.name}-{i + 1}-"))
+    procs = ProcessGroup(work_dir)
+    ctx = Context(
+        scenario=sc.name,
+        messages=n,
+        runs=runs,
+        run=i,
+        quick=quick,
+        work_dir=work_dir,
+        procs=procs,
+        deadline=time.monotonic() + budget_s,
+        state=state,
+        info=result.info,
+        verify=verify,
+    )
+    ok = False
+    load = OtherLoad()
+    try:
+        with _time_limit(budget_s + 30):  # the scenario's own waits use the budget
+            metrics = dict(sc.fn(ctx))
+            ctx.verify_delivery()
+        ok = True
+    finally:
+        procs.stop_all()
+        others, services = load.pcts()
+        if ok:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        else:
+            result.kept_dirs.append(str(work_dir))
+    return metrics, others, services
 
 
 def _record(result: ScenarioResult, metrics: Mapping[str, float]) -> None:
