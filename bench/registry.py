@@ -59,6 +59,7 @@ class Scenario:
     description: str
     timeout_s: float = 600.0
     setup: SetupFn | None = None
+    services: tuple[str, ...] = ()
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -74,6 +75,7 @@ def scenario(
     description: str = "",
     timeout_s: float = 600.0,
     setup: SetupFn | None = None,
+    services: tuple[str, ...] = (),
 ) -> Callable[[ScenarioFn], ScenarioFn]:
     """Register ``fn`` as scenario ``name``.
 
@@ -81,7 +83,9 @@ def scenario(
     and ``quick_messages`` are the default counts for a normal and a ``--quick``
     run; ``timeout_s`` bounds one run (the runner interrupts it after that);
     ``setup`` is an optional context-manager function run once before all runs
-    (its ``yield`` value is ``ctx.state`` in every run, its exit is the teardown).
+    (its ``yield`` value is ``ctx.state`` in every run, its exit is the teardown);
+    ``services`` names the machine's shared services the scenario uses
+    (``"rabbitmq"``, ``"postgres"``): their CPU is reported apart, not as other load.
     """
 
     def register(fn: ScenarioFn) -> ScenarioFn:
@@ -96,6 +100,7 @@ def scenario(
             description=description or _first_line(fn.__doc__),
             timeout_s=timeout_s,
             setup=setup,
+            services=services,
         )
         return fn
 

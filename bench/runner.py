@@ -132,61 +132,68 @@ def _own_cpu_s() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + orphaned_cpu_s()
 
 
-SERVICE_USERS = ("rabbitmq", "postgres")
-"""Owners of the machine's shared services; their CPU is reported apart from other engineers' work."""
+SERVICES = ("rabbitmq", "postgres")
+"""The machine's shared services a scenario may declare it uses, by the user they run as."""
 
 
-def _service_uids() -> set[int]:
-    uids = set()
-    for name in SERVICE_USERS:
-        with contextlib.suppress(KeyError):
-            uids.add(pwd.getpwnam(name).pw_uid)
-    return uids
+def _uid(user: str) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
 
 
-def _service_cpu_s(uids: set[int]) -> float:
-    """CPU seconds of the service users' processes, including children they reaped (short backends)."""
-    ticks = 0
+def _cpu_by_uid(uids: set[int]) -> dict[int, float]:
+    """CPU seconds per owner uid, including children the processes reaped (short DB backends)."""
+    ticks: dict[int, int] = dict.fromkeys(uids, 0)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            if entry.stat().st_uid not in uids:
+            uid = entry.stat().st_uid
+            if uid not in ticks:
                 continue
             with open(f"/proc/{entry.name}/stat", "rb") as fh:
                 data = fh.read()
         except OSError:
             continue
         fields = data[data.rfind(b")") + 2 :].split()
-        ticks += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+        ticks[uid] += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    hz = os.sysconf("SC_CLK_TCK")
+    return {uid: t / hz for uid, t in ticks.items()}
 
 
 class OtherLoad:
     """How much of the machine others used while a run ran, in % of all CPUs.
 
-    Machine-wide busy time from /proc/stat, minus the CPU of the harness and
-    its reaped children, minus the shared services (RabbitMQ, PostgreSQL),
-    which are reported on their own: a peer that leans on them makes them
-    busy even on an idle machine, and so may other engineers' tests.
+    Machine-wide busy time from /proc/stat minus the CPU of the harness and its
+    children is what others used. The shared services the scenario declares
+    (RabbitMQ, PostgreSQL) are reported apart as "services": the scenario makes
+    them busy itself, and other engineers' tests may too (no way to tell those
+    apart). Services the scenario does not use count as others.
     """
 
-    def __init__(self) -> None:
-        self.uids = _service_uids()
+    def __init__(self, used_services: Sequence[str] = ()) -> None:
+        users = {name: _uid(name) for name in SERVICES}
+        self.used = {
+            uid for name, uid in users.items() if uid is not None and name in used_services
+        }
+        self.uids = {uid for uid in users.values() if uid is not None}
         self.busy0, self.total0 = _cpu_jiffies()
         self.own0 = _own_cpu_s()
-        self.services0 = _service_cpu_s(self.uids)
+        self.by_uid0 = _cpu_by_uid(self.uids)
 
     def pcts(self) -> tuple[float, float]:
-        """(others, services) in % of all CPUs since construction."""
+        """(others, used services) in % of all CPUs since construction."""
         busy1, total1 = _cpu_jiffies()
         hz = os.sysconf("SC_CLK_TCK")
         total_s = (total1 - self.total0) / hz
         if total_s <= 0:
             return 0.0, 0.0
-        services_s = _service_cpu_s(self.uids) - self.services0
-        other_s = (busy1 - self.busy0) / hz - (_own_cpu_s() - self.own0) - services_s
-        return max(0.0, 100.0 * other_s / total_s), max(0.0, 100.0 * services_s / total_s)
+        by_uid1 = _cpu_by_uid(self.uids)
+        used_s = sum(by_uid1[u] - self.by_uid0.get(u, 0.0) for u in self.used)
+        other_s = (busy1 - self.busy0) / hz - (_own_cpu_s() - self.own0) - used_s
+        return max(0.0, 100.0 * other_s / total_s), max(0.0, 100.0 * used_s / total_s)
 
 
 def wait_for_quiet(max_wait_s: float, busy_below_pct: float = 25.0) -> float:
@@ -336,7 +343,7 @@ def _one_run(
         verify=verify,
     )
     ok = False
-    load = OtherLoad()
+    load = OtherLoad(sc.services)
     try:
         with _time_limit(budget_s + 30):  # the scenario's own waits use the budget
             metrics = dict(sc.fn(ctx))

@@ -42,7 +42,7 @@ def _setup(ctx: Context) -> Iterator[dict[str, Any]]:
     ctx.info["worker"] = (
         f"celery worker, prefork pool, default concurrency (= {os.cpu_count()} CPUs)"
     )
-    ctx.info["api"] = "uvicorn, 1 process (default)"
+    ctx.info["api"] = "uvicorn, 1 process, access log on (its defaults)"
     ctx.info["load"] = f"{CONCURRENCY} keep-alive HTTP connections, closed loop"
     yield {"python": python}
 
@@ -75,7 +75,6 @@ def _start_api(ctx: Context, python: Path, env: dict[str, str]) -> tuple[Proc, s
             "127.0.0.1",
             "--port",
             str(api_port),
-            "--no-access-log",
         ],
         env=env,
         cwd=PEERS_DIR,
@@ -163,6 +162,7 @@ def _run(ctx: Context, *, drain: bool) -> dict[str, float]:
     messages=5_000,
     quick_messages=200,
     setup=_setup,
+    services=("rabbitmq",),
     description="end to end: POSTs to FastAPI (pydantic) → Celery on RabbitMQ → EmailMessage + smtplib "
     "→ smtp-sink, while the worker (started with the first POST) delivers",
 )
@@ -177,6 +177,7 @@ def peer_celery(ctx: Context) -> dict[str, float]:
     messages=5_000,
     quick_messages=200,
     setup=_setup,
+    services=("rabbitmq",),
     description="the same Celery peer, queue filled first, then the worker alone drains it "
     "(start-up included): compares with Postroom's deliver scenario",
 )

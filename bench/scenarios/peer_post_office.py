@@ -175,6 +175,7 @@ def _setup(ctx: Context) -> Iterator[dict[str, Any]]:
     messages=5_000,
     quick_messages=200,
     setup=_setup,
+    services=("postgres",),
     description=f"django-post-office on PostgreSQL: send_many, then send_queued_mail "
     f"--processes={PROCESSES} → smtp-sink (start to exit)",
 )
