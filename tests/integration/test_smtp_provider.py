@@ -19,6 +19,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from postroom.domain.errors import PermanentError, ProviderFault, TransientError
 from postroom.domain.model import Address, Content, Outgoing
+from postroom.domain.ports import Provider
 from postroom.providers.smtp import SMTPProvider, retry_after_hint
 
 TIMEOUT_S = 0.5
@@ -776,6 +777,7 @@ def test_retry_after_hint(text: str, seconds: float | None) -> None:
 
 async def test_a_closed_provider_refuses_to_send(smtpd: Any, make_provider: Any) -> None:
     provider = make_provider(smtpd(Recorder()).port)
+    assert isinstance(provider, Provider) and provider.kind == "smtp"
     await provider.send(outgoing())
     await provider.close()
     with pytest.raises(ProviderFault, match="closed"):
