@@ -13,6 +13,10 @@ Classification (the one place SMTP answers become Postroom errors):
   Receipt text. Any 4xx recipient aborts the whole transaction (TransientError) so that nobody
   gets the message twice; 452 after an accepted recipient ("too many recipients") sends the rest in
   a further transaction, as RFC 5321 4.5.3.1.10 asks.
+
+Timeouts: opening a session runs under asyncio.timeout, rescheduled at each step; in a transaction
+each step only moves the session's deadline, and one watchdog timer per provider aborts the
+connection of a session past its deadline (no timer per reply on the hot path).
 """
 
 from __future__ import annotations
