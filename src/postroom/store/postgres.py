@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import asyncpg
 import orjson
 
-from postroom.domain.errors import ConflictError, NotFound, StoreUnavailable
+from postroom.domain.errors import ConfigError, ConflictError, NotFound, StoreUnavailable
 from postroom.domain.ids import new_id
 from postroom.domain.model import (
     CANCELLABLE,
@@ -112,9 +112,12 @@ SELECT array(SELECT id FROM ins) AS ids, pg_notify('{CHANNEL}', '') AS notified
 """
 
 _EXISTING_SQL = """
-SELECT m.key_id, m.idempotency_key, m.id, m.request_hash, m.accepted_status
-FROM messages m JOIN unnest($1::text[], $2::text[]) AS k(key_id, idempotency_key)
-  ON m.key_id = k.key_id AND m.idempotency_key = k.idempotency_key
+SELECT k.key_id, k.idempotency_key, m.id, m.request_hash, m.accepted_status
+FROM unnest($1::text[], $2::text[]) AS k(key_id, idempotency_key)
+CROSS JOIN LATERAL (
+    SELECT id, request_hash, accepted_status FROM messages
+    WHERE key_id = k.key_id AND idempotency_key = k.idempotency_key
+) m
 """
 
 _CLAIM_SQL = f"""
@@ -162,6 +165,16 @@ o AS (
     SELECT * FROM unnest($1::text[], $2::int4[], $3::text[], $4::float8[], $5::text[],
                          $6::text[], $7::int4[], $8::text[], $9::int4[])
         WITH ORDINALITY AS o(id, token, status, next_at, provider, pmid, code, text, requeue, idx)
+), target AS (
+    -- each outcome's row by primary key, locked: the status and token are checked on the locked
+    -- row, so no index on status can tempt the planner into comparing every sending row with
+    -- every outcome when its statistics are stale (that plan took seconds per batch)
+    SELECT o.*, m.row_id FROM o
+    CROSS JOIN LATERAL (
+        SELECT ctid AS row_id, status AS cur_status, lease_token AS cur_token
+        FROM messages WHERE id = o.id FOR UPDATE
+    ) m
+    WHERE m.cur_status = 'sending' AND m.cur_token = o.token
 ), upd AS (
     UPDATE messages m
     SET status = o.status,
@@ -172,8 +185,8 @@ o AS (
         last_code = coalesce(o.code, m.last_code), last_text = coalesce(o.text, m.last_text),
         sent_at = CASE WHEN o.status = 'sent' THEN now.t ELSE m.sent_at END,
         attempts = m.attempts - o.requeue
-    FROM o, now
-    WHERE m.id = o.id AND m.lease_token = o.token AND m.status = 'sending'
+    FROM target o, now
+    WHERE m.ctid = o.row_id  -- the row locked above
     RETURNING o.idx, o.status
 ), counted AS (
     INSERT INTO throughput (bucket, kind, n)
@@ -207,11 +220,14 @@ SELECT array(SELECT idx FROM upd) AS accepted,
 _EXTEND_SQL = f"""
 WITH c AS (SELECT * FROM unnest($1::text[], $2::int4[]) AS c(id, token)),
 locked AS (
-    SELECT m.id FROM messages m JOIN c ON m.id = c.id AND m.lease_token = c.token
-    WHERE m.status = 'sending'
-    FOR UPDATE OF m SKIP LOCKED
+    SELECT m.row_id FROM c
+    CROSS JOIN LATERAL (
+        SELECT ctid AS row_id, status, lease_token FROM messages WHERE id = c.id
+        FOR UPDATE SKIP LOCKED
+    ) m
+    WHERE m.status = 'sending' AND m.lease_token = c.token  -- by primary key, as in _RECORD_SQL
 )
-UPDATE messages m SET next_at = {_NOW} + $3 FROM locked WHERE m.id = locked.id
+UPDATE messages m SET next_at = {_NOW} + $3 FROM locked WHERE m.ctid = locked.row_id
 """
 
 _STATE_LOCK_SQL = """
@@ -346,6 +362,10 @@ class PostgresStore:
                     raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
                 log.warning("PostgreSQL is not reachable yet (%s); retrying", e)
                 await asyncio.sleep(1.0)
+            except asyncpg.PostgresError as e:  # wrong password, no such database, ...
+                raise ConfigError(
+                    "database_url", f"PostgreSQL refused the connection: {type(e).__name__}: {e}"
+                ) from e
         assert pool is not None
         if self.check_schema:
             from postroom.store.migrations import SchemaOutOfDate, head
