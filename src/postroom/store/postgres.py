@@ -400,7 +400,11 @@ class PostgresStore:
         pool = self._pool
         for attempt in range(3):
             try:
-                async with asyncio.timeout(self.timeout_s), pool.acquire() as conn:
+                # the acquire timeout also bounds the reset when the connection goes back
+                async with (
+                    asyncio.timeout(self.timeout_s),
+                    pool.acquire(timeout=self.timeout_s) as conn,
+                ):
                     if not tx:
                         return await fn(conn)
                     async with conn.transaction():
