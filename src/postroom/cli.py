@@ -31,6 +31,7 @@ def _logging(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @click.group()
@@ -88,7 +89,11 @@ def _serve(settings: Settings, *, with_worker: bool) -> None:
         await _bootstrap_key(store, url)
         if with_worker:
             await start_worker()
-        click.echo(f"  Postroom {__version__} on {url}  (API docs: {url}/docs, database: {settings.database_url})", err=True)
+        click.echo(
+            f"  Postroom {__version__} on {url}\n"
+            f"    dashboard: {url}/   API docs: {url}/docs   database: {settings.database_url}\n",
+            err=True,
+        )
 
     app = create_app(settings, store, on_startup=startup, on_shutdown=stop_worker if with_worker else None)
     config = uvicorn.Config(
