@@ -379,13 +379,16 @@ def test_a_provider_limited_to_50_per_second_is_never_exceeded_by_two_worker_pro
     asyncio.run(enqueue())
     with SMTPServer(handler) as server:  # type: ignore[arg-type]
         name = f"relay-{uuid.uuid4().hex[:8]}"  # a fresh limit key in the shared Redis
+        # One SMTP session per worker: at 50/s a session is idle most of the time, and a pool that
+        # grows under load opens new connections whose first message reaches the server later by
+        # the connection setup (on a loaded 2-core box: tens of ms, enough to bunch a window).
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
         env.update(
             POSTROOM_DATABASE_URL=f"sqlite:///{db}",
             POSTROOM_REDIS_URL="redis://127.0.0.1:6379/0",
             POSTROOM_PROVIDERS=(
                 f'[{{"name": "{name}", "kind": "smtp", "host": "127.0.0.1", "port": {server.port},'
-                ' "rate": "50/s", "timeout_s": 5}]'
+                ' "rate": "50/s", "timeout_s": 5, "pool_size": 1}]'
             ),
             POSTROOM_WORKER__IDLE_POLL_S="0.1",
         )
@@ -411,18 +414,8 @@ def test_a_provider_limited_to_50_per_second_is_never_exceeded_by_two_worker_pro
     assert len(times) == n
     rate = (n - 1) / (max(times) - min(times))
     busiest = window_max(times)
-    # The router hands sends to the provider on slots that keep every window at 50 (the in-process
-    # tests above check that exactly). What the receiver sees also carries the receiving host's own
-    # stalls: on the 2-core test box, with two workers, Redis and this server's thread sharing the
-    # cores, the receiver's timestamps bunch by up to ~30 ms now and then. So the receiver-side
-    # check allows that much jitter in its window; the margin (5 %) covers the rest.
-    jitter_s = 0.03
-    busiest_jittered = window_max(times, 1.0 - jitter_s)
-    print(
-        f"50/s across two processes: busiest 1 s window {busiest}, "
-        f"busiest {1 - jitter_s:g} s window {busiest_jittered}, average {rate:.1f}/s"
-    )
-    assert busiest_jittered <= 50
+    print(f"50/s across two processes: busiest 1 s window {busiest}, average {rate:.1f}/s")
+    assert busiest <= 50
     assert rate > 45  # and the limit is used, not wasted
 
     async def who_sent() -> Counter[str]:

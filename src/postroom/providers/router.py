@@ -142,8 +142,8 @@ class Router:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._defer_tat: dict[str, float] = {}  # spreads deferred messages over future slots
         self.late_slots = 0  # slots given up because the loop woke too late for them
-        self._publish_due = 0.0  # monotonic time of the next snapshot
-        self._publishing: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None  # started by the first send
+        self._breaker_moved = asyncio.Event()  # publish at once when a breaker opens or closes
         self._has_domain_limits = bool(self.domain_limits)
 
     @property
@@ -153,8 +153,10 @@ class Router:
     # -- the hot path -------------------------------------------------------------------------
 
     async def send(self, message: Outgoing, trail: list[Event]) -> Receipt:
-        if time.monotonic() >= self._publish_due:
-            self._publish_soon()
+        if self._publisher is None:
+            self._publisher = asyncio.get_running_loop().create_task(
+                self._publish_loop(), name=f"router-{self.name}-snapshots"
+            )
         throttler = self.throttler
         domain_limits: list[Limit] = []
         domains: list[str] | None = None
@@ -233,7 +235,7 @@ class Router:
                 last_fault = e
                 opened = breaker.fault(e.text, pause_s=e.retry_after_s)
                 if opened:
-                    self._publish_due = 0.0  # show it soon
+                    self._breaker_moved.set()  # show it soon
                 detail = e.text + ("; breaker opened" if opened else "")
                 trail.append(_event(message, "provider_fault", route.name, detail, e.code))
                 continue
@@ -257,7 +259,7 @@ class Router:
                 breaker.abandon()
                 raise
             if breaker.success():
-                self._publish_due = 0.0
+                self._breaker_moved.set()
                 trail.append(_event(message, "breaker_closed", route.name, "probe succeeded"))
             return receipt
 
@@ -327,14 +329,23 @@ class Router:
             },
         }
 
-    def _publish_soon(self) -> None:
-        """Publish the snapshot in the background (at most one at a time, every few seconds)."""
-        now = time.monotonic()
-        if self._publishing is not None and not self._publishing.done():
-            self._publish_due = now + 0.2
-            return
-        self._publish_due = now + _SNAPSHOT_EVERY_S
-        self._publishing = asyncio.get_running_loop().create_task(self.publish())
+    async def _publish_loop(self) -> None:
+        """Every `_SNAPSHOT_EVERY_S` when something changed (at once when a breaker moved), and
+        now and then anyway so that the snapshot outlives its time to live while we run."""
+        last: tuple[Any, ...] | None = None
+        published_at = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):  # (asyncio.timeout never eats a cancel)
+                async with asyncio.timeout(_SNAPSHOT_EVERY_S):
+                    await self._breaker_moved.wait()
+            self._breaker_moved.clear()
+            now = time.monotonic()
+            sig = tuple(
+                (r.breaker.state, r.breaker.total_sent, r.breaker.total_faults) for r in self.routes
+            )
+            if sig != last or now - published_at > _SNAPSHOT_TTL_S / 3:
+                await self.publish()
+                last, published_at = sig, now
 
     async def publish(self) -> None:
         try:
@@ -343,9 +354,10 @@ class Router:
             log.warning("could not publish the router state: %s", e)
 
     async def close(self) -> None:
-        if self._publishing is not None:
-            with contextlib.suppress(Exception):
-                await self._publishing
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._publisher
         await self.publish()
         for r in self.routes:
             try:
