@@ -299,3 +299,26 @@ async def test_router_overhead_without_limits_is_a_few_microseconds() -> None:
     print(f"router overhead without limits: {overhead_us:.2f} us/message")
     assert overhead_us < 20  # measured ~1-2 us on the 2-core box; generous for noisy CI
     await router.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "throttles"),
+    [
+        (TransientError("4.7.0 too many messages, slow down", code=421), True),
+        (TransientError("4.7.1 try again later", code=451), True),
+        (TransientError("mailbox busy", code=450), True),
+        (
+            TransientError(
+                "4.2.2 mailbox full, try again in 10 minutes", code=452, retry_after_s=600
+            ),
+            True,
+        ),
+        (TransientError("4.7.1 Greylisted, please try again later", code=451), False),
+        (TransientError("4.2.2 mailbox full", code=452), False),
+        (ProviderFault("421 service closing", code=421), False),
+    ],
+)
+def test_which_answers_slow_a_domain_down(error: TransientError, throttles: bool) -> None:
+    from postroom.providers.throttle import signals_throttle
+
+    assert signals_throttle(error) is throttles

@@ -36,6 +36,9 @@ def signals_throttle(e: TransientError) -> bool:
     """A recipient-level "slow down / try later": 421, 450, 451, or any 4xx naming a delay."""
     if isinstance(e, ProviderFault):
         return False  # the provider's own trouble: its breaker deals with it
+    text = e.text.lower()
+    if "greylist" in text or "graylist" in text:
+        return False  # greylisting holds one sender/recipient pair, not the whole domain
     return e.code in THROTTLE_CODES or (e.retry_after_s is not None and (e.code or 0) < 500)
 
 
