@@ -538,6 +538,32 @@ def test_dot_stuff_repairs_bare_line_endings() -> None:
     assert dot_stuff(b"a\n.\nb\r.\rc") == b"a\r\n..\r\nb\r\n..\r\nc\r\n.\r\n"
     assert dot_stuff(b"\n.\n") == b"\r\n..\r\n.\r\n"
     assert dot_stuff(b".\r") == b"..\r\n.\r\n"
+    assert dot_stuff(b"a\r\r\nb") == b"a\r\n\r\nb\r\n.\r\n"
+    assert dot_stuff(b"a\r\n\nb\n\r") == b"a\r\n\r\nb\r\n\r\n.\r\n"
+    assert dot_stuff(b"a\r\n.\r\n") == b"a\r\n..\r\n.\r\n"
+    assert dot_stuff(b"\r\n") == b"\r\n.\r\n"
+
+
+def _reference_dot_stuff(raw: bytes) -> bytes:
+    """dot_stuff the slow, obvious way: normalise every line ending, stuff line by line."""
+    lines = re.split(rb"\r\n|\r|\n", raw)
+    if lines[-1] == b"":
+        lines.pop()
+    return b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n" for x in lines) + b".\r\n"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    raw=st.binary(max_size=200)
+    | st.lists(st.sampled_from([b"\r", b"\n", b".", b"x", b"\r\n"]), max_size=40).map(b"".join)
+)
+def test_property_dot_stuff_matches_the_reference_and_ends_data_exactly_once(raw: bytes) -> None:
+    stuffed = dot_stuff(raw)
+    assert stuffed == _reference_dot_stuff(raw)
+    crlf = stuffed.count(b"\r\n")
+    assert stuffed.count(b"\n") == crlf and stuffed.count(b"\r") == crlf  # nothing bare
+    # The DATA command's CRLF comes first: the end marker appears once, at the very end.
+    assert (b"\r\n" + stuffed).find(b"\r\n.\r\n") == len(stuffed) - 3
 
 
 # -- filenames and parts --------------------------------------------------------------------------

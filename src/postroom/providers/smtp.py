@@ -31,25 +31,10 @@ from collections import deque
 from collections.abc import Sequence
 
 from postroom.domain.errors import PermanentError, ProviderError, ProviderFault, TransientError
+from postroom.domain.mime import dot_stuff
 from postroom.domain.model import Outgoing, Receipt
 
 __all__ = ["SMTPProvider"]
-
-
-def _dot_stuff(mime: bytes) -> bytes:
-    """The DATA payload: transparency dots (RFC 5321 4.5.2), a final CRLF and the end marker."""
-    if mime.startswith(b"."):
-        mime = b"." + mime
-    mime = mime.replace(b"\r\n.", b"\r\n..")
-    if not mime.endswith(b"\r\n"):
-        mime += b"\r\n"
-    return mime + b".\r\n"
-
-
-try:  # the shared implementation, once domain/mime.py provides it
-    from postroom.domain.mime import dot_stuff
-except ImportError:  # pragma: no cover - until then
-    dot_stuff = _dot_stuff  # type: ignore[assignment,unused-ignore]
 
 
 _now = time.monotonic  # the watchdog's clock
