@@ -311,8 +311,11 @@ def postgres_comes_back() -> Iterator[None]:
 def test_postgres_restart_under_load_loses_nothing_and_clients_see_503(
     pg_url: str, tmp_path: Path
 ) -> None:
-    if subprocess.run(["which", "pg_ctlcluster"], capture_output=True, check=False).returncode != 0:
-        pytest.skip("pg_ctlcluster is not available")
+    clusters = subprocess.run(
+        ["sh", "-c", "pg_lsclusters -h 2>/dev/null"], capture_output=True, text=True, check=False
+    )
+    if not re.search(r"^15\s+main\s+5432\s+online", clusters.stdout, re.MULTILINE):
+        pytest.skip("needs the local PostgreSQL 15 cluster 'main' on port 5432 (pg_ctlcluster)")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with SMTPSink() as sink:
