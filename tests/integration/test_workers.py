@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from postroom.api.app import create_app
 from postroom.config import load_settings
@@ -100,3 +101,41 @@ async def test_a_live_worker_takes_over_the_messages_of_one_that_stopped_beating
     rec = await store.get(held[0].id)
     assert rec.status is Status.SENT and rec.attempts == 2
     assert [e.type for e in rec.events][-3:] == ["lease_expired", "claimed", "sent"]
+
+
+@pytest.mark.postgres
+async def test_an_idle_postgres_worker_wakes_on_notify_and_when_a_scheduled_message_is_due(
+    pg_url: str,
+) -> None:
+    from postroom.store.postgres import PostgresStore
+
+    worker_store, api_store = PostgresStore(pg_url, max_size=2), PostgresStore(pg_url, max_size=2)
+    await worker_store.open()
+    await api_store.open()
+    provider = RecordingProvider()
+    worker = Worker(
+        store=worker_store,
+        router=FailoverRouter([provider]),
+        retry=RetryPolicy(),
+        idle_poll_s=30,  # a wake-up must come from NOTIFY or the due time, not from polling
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.sleep(0.5)  # idle, listening
+        t0 = time.monotonic()
+        await api_store.enqueue([_msg(1)])  # another process's enqueue: NOTIFY
+        await _until(lambda: _sent(worker_store, 1), 5)
+        assert time.monotonic() - t0 < 1.0
+        due = time.time() + 1.0
+        await api_store.enqueue([validate_message({**_body(2), "send_at": due})])
+        await _until(lambda: _sent(worker_store, 2), 5)
+        assert time.time() - due < 0.5  # woken at the due time
+    finally:
+        worker.stop()
+        await task
+        await worker_store.close()
+        await api_store.close()
+
+
+def _body(i: int) -> dict[str, object]:
+    return {"from": "a@example.com", "to": [f"u{i}@example.org"], "subject": "s", "text": "t"}
