@@ -371,7 +371,7 @@ class PostgresStore:
             from postroom.store.migrations import SchemaOutOfDate, head
 
             try:
-                async with pool.acquire() as conn:
+                async with pool.acquire(timeout=self.timeout_s) as conn:
                     current = await conn.fetchval("SELECT version_num FROM alembic_version")
             except asyncpg.exceptions.UndefinedTableError:
                 current = None
@@ -429,11 +429,15 @@ class PostgresStore:
             return True
         if time.monotonic() < self._listener_retry_at:
             return False
+        conn: asyncpg.Connection | None = None
         try:
-            conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
-            await conn.add_listener(CHANNEL, self._on_notify)
+            async with asyncio.timeout(self.connect_timeout_s):
+                conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
+                await conn.add_listener(CHANNEL, self._on_notify)
             conn.add_termination_listener(self._on_listener_lost)
         except (*_UNAVAILABLE, asyncpg.PostgresError) as e:
+            if conn is not None:
+                conn.terminate()
             log.debug("LISTEN connection unavailable (%s); polling", e)
             self._listener_retry_at = time.monotonic() + 1.0
             return False
