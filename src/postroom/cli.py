@@ -21,7 +21,9 @@ log = logging.getLogger("postroom")
 
 def _settings(ctx: click.Context, **overrides: Any) -> Settings:
     try:
-        return load_settings(ctx.obj.get("config"), **{k: v for k, v in overrides.items() if v is not None})
+        return load_settings(
+            ctx.obj.get("config"), **{k: v for k, v in overrides.items() if v is not None}
+        )
     except ConfigError as e:
         raise click.ClickException(f"configuration error: {e}") from None
 
@@ -36,7 +38,12 @@ def _logging(settings: Settings) -> None:
 
 @click.group()
 @click.version_option(__version__, prog_name="postroom")
-@click.option("--config", "-c", type=click.Path(dir_okay=False), help="postroom.toml (default: ./postroom.toml or $POSTROOM_CONFIG)")
+@click.option(
+    "--config",
+    "-c",
+    type=click.Path(dir_okay=False),
+    help="postroom.toml (default: ./postroom.toml or $POSTROOM_CONFIG)",
+)
 @click.pass_context
 def main(ctx: click.Context, config: str | None) -> None:
     """Postroom: a self-hosted email delivery service."""
@@ -58,7 +65,17 @@ async def _bootstrap_key(store: Any, url: str) -> None:
         )
 
 
-def _serve(settings: Settings, *, with_worker: bool) -> None:
+def _serve(
+    settings: Settings,
+    *,
+    with_worker: bool,
+    worker_processes: int = 0,
+    config_path: str | None = None,
+) -> None:
+    """Serve the API; with a worker in this process, or `worker_processes` worker processes
+    beside it (they share the database; SIGTERM drains them with the API)."""
+    import subprocess
+
     import uvicorn
 
     from postroom.api.app import create_app
@@ -74,20 +91,48 @@ def _serve(settings: Settings, *, with_worker: bool) -> None:
         state["task"] = asyncio.create_task(worker.run(), name="worker")
         log.info("worker %s started (concurrency %d)", worker.name, worker.concurrency)
 
+    def start_processes() -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "postroom.cli",
+            *(["--config", config_path] if config_path else []),
+            "worker",
+        ]
+        state["children"] = [subprocess.Popen(cmd) for _ in range(worker_processes)]
+        log.info(
+            "started %d worker processes: %s",
+            worker_processes,
+            ", ".join(str(c.pid) for c in state["children"]),
+        )
+
     async def stop_worker() -> None:
+        for child in state.get("children", []):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in state.get("children", []):
+            await asyncio.get_running_loop().run_in_executor(None, child.wait)
         if "worker" in state:
             worker = state["worker"]
             worker.stop()
             await state["task"]
             await state["router"].close()
             c = worker.counters
-            log.info("worker %s stopped: sent %d, failed %d, retried %d", worker.name, c.sent, c.failed, c.retried)
+            log.info(
+                "worker %s stopped: sent %d, failed %d, retried %d",
+                worker.name,
+                c.sent,
+                c.failed,
+                c.retried,
+            )
 
     url = f"http://{settings.host}:{settings.port}"
 
     async def startup() -> None:
         await _bootstrap_key(store, url)
-        if with_worker:
+        if worker_processes:
+            start_processes()
+        elif with_worker:
             await start_worker()
         click.echo(
             f"  Postroom {__version__} on {url}\n"
@@ -95,7 +140,7 @@ def _serve(settings: Settings, *, with_worker: bool) -> None:
             err=True,
         )
 
-    app = create_app(settings, store, on_startup=startup, on_shutdown=stop_worker if with_worker else None)
+    app = create_app(settings, store, on_startup=startup, on_shutdown=stop_worker)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -110,13 +155,25 @@ def _serve(settings: Settings, *, with_worker: bool) -> None:
 @main.command()
 @click.option("--host", help="address to listen on (default 127.0.0.1, or $POSTROOM_HOST)")
 @click.option("--port", type=int, help="port (default 8080, or $POSTROOM_PORT)")
+@click.option(
+    "--worker-processes",
+    type=click.IntRange(0, 64),
+    default=0,
+    help="run the worker in N processes of its own instead of inside the API process "
+    "(uses more cores; default 0 = one process for everything)",
+)
 @click.pass_context
-def run(ctx: click.Context, host: str | None, port: int | None) -> None:
-    """API and worker in one process (the quick start)."""
+def run(ctx: click.Context, host: str | None, port: int | None, worker_processes: int) -> None:
+    """API and worker together (the quick start)."""
     settings = _settings(ctx, host=host, port=port)
     _logging(settings)
     _check_schema(settings)
-    _serve(settings, with_worker=True)
+    _serve(
+        settings,
+        with_worker=True,
+        worker_processes=worker_processes,
+        config_path=ctx.obj.get("config"),
+    )
 
 
 @main.command()
@@ -148,15 +205,25 @@ async def _run_worker(settings: Settings, name: str | None) -> None:
         await router.close()
         await store.close()
         c = worker.counters
-        log.info("worker %s stopped: sent %d, failed %d, retried %d", worker.name, c.sent, c.failed, c.retried)
+        log.info(
+            "worker %s stopped: sent %d, failed %d, retried %d",
+            worker.name,
+            c.sent,
+            c.failed,
+            c.retried,
+        )
 
 
 @main.command()
 @click.option("--concurrency", type=int, help="sends in flight per process (default 64)")
-@click.option("--processes", type=int, help="worker processes to run (default 1; restarted if they die)")
+@click.option(
+    "--processes", type=int, help="worker processes to run (default 1; restarted if they die)"
+)
 @click.option("--name", help="worker name (default host:pid; with --processes N, NAME-1 … NAME-N)")
 @click.pass_context
-def worker(ctx: click.Context, concurrency: int | None, processes: int | None, name: str | None) -> None:
+def worker(
+    ctx: click.Context, concurrency: int | None, processes: int | None, name: str | None
+) -> None:
     """Run a worker: claim queued messages and deliver them. SIGTERM drains."""
     settings = _settings(ctx)
     if concurrency:
@@ -232,7 +299,9 @@ def _check_schema(settings: Settings) -> None:
     except ConfigError as e:
         raise click.ClickException(e.message) from None
     except PostroomError as e:
-        raise click.ClickException(f"cannot use the database {settings.database_url}: {e}") from None
+        raise click.ClickException(
+            f"cannot use the database {settings.database_url}: {e}"
+        ) from None
 
 
 def _uvloop_run(coro: Any) -> None:
@@ -255,19 +324,40 @@ def _uvloop_run(coro: Any) -> None:
 @click.option("--tag", "tags", multiple=True)
 @click.option("--send-at", help="ISO 8601 time for a scheduled send")
 @click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="normal")
-@click.option("--server", envvar="POSTROOM_URL", help="send through a running server, e.g. http://127.0.0.1:8080 (else straight into the database)")
+@click.option(
+    "--server",
+    envvar="POSTROOM_URL",
+    help="send through a running server, e.g. http://127.0.0.1:8080 (else straight into the database)",
+)
 @click.option("--key", envvar="POSTROOM_API_KEY", help="API key for --server")
 @click.pass_context
-def send(ctx: click.Context, to: tuple[str, ...], subject: str, text: str | None, html: str | None, sender: str | None,
-         cc: tuple[str, ...], bcc: tuple[str, ...], tags: tuple[str, ...], send_at: str | None, priority: str,
-         server: str | None, key: str | None) -> None:
+def send(
+    ctx: click.Context,
+    to: tuple[str, ...],
+    subject: str,
+    text: str | None,
+    html: str | None,
+    sender: str | None,
+    cc: tuple[str, ...],
+    bcc: tuple[str, ...],
+    tags: tuple[str, ...],
+    send_at: str | None,
+    priority: str,
+    server: str | None,
+    key: str | None,
+) -> None:
     """Queue one message and print its id."""
     if text == "-":
         text = sys.stdin.read()
     if text is None and html is None:
         raise click.UsageError("give --text or --html")
     settings = _settings(ctx)
-    body: dict[str, Any] = {"from": sender or settings.default_from, "to": list(to), "subject": subject, "priority": priority}
+    body: dict[str, Any] = {
+        "from": sender or settings.default_from,
+        "to": list(to),
+        "subject": subject,
+        "priority": priority,
+    }
     for k, v in (("text", text), ("html", html), ("send_at", send_at)):
         if v is not None:
             body[k] = v
@@ -280,7 +370,12 @@ def send(ctx: click.Context, to: tuple[str, ...], subject: str, text: str | None
         if not key:
             raise click.UsageError("--server needs --key (or POSTROOM_API_KEY)")
         try:
-            r = httpx.post(f"{server.rstrip('/')}/v1/messages", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            r = httpx.post(
+                f"{server.rstrip('/')}/v1/messages",
+                json=body,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
         except httpx.HTTPError as e:
             raise click.ClickException(f"cannot reach {server}: {e}") from None
         if r.status_code >= 400:
@@ -352,7 +447,9 @@ def keys_list(ctx: click.Context) -> None:
     from postroom.api.views import iso
 
     for k in _with_store(ctx, lambda s: s.list_keys()):
-        click.echo(f"{k.id}  {k.prefix}…  {k.name}  {iso(k.created_at)}  {'revoked' if k.revoked else 'active'}")
+        click.echo(
+            f"{k.id}  {k.prefix}…  {k.name}  {iso(k.created_at)}  {'revoked' if k.revoked else 'active'}"
+        )
 
 
 @keys.command("revoke")

@@ -44,11 +44,12 @@ def wait_for(pred, timeout_s: float, what: str) -> None:  # type: ignore[no-unty
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_postroom_run_accepts_over_http_and_delivers_over_smtp(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--worker-processes", "2"]], ids=["one-process", "worker-processes"])
+def test_postroom_run_accepts_over_http_and_delivers_over_smtp(tmp_path: Path, extra: list[str]) -> None:
     port = free_port()
     with SMTPServer() as smtp:
         proc = subprocess.Popen(
-            [*POSTROOM, "run", "--port", str(port)],
+            [*POSTROOM, "run", "--port", str(port), *extra],
             env=env_for(tmp_path, smtp.port),
             cwd=tmp_path,
             stderr=subprocess.PIPE,
