@@ -4,10 +4,13 @@
     .venv/bin/python -m bench.smtp_client --loop uvloop --runs 3
     .venv/bin/python -m bench.smtp_client --sink-args=-p        # a sink without PIPELINING
     .venv/bin/python -m bench.smtp_client --reference           # and smtp-source (C), run by run
+    .venv/bin/python -m bench.smtp_client --senders 64          # more sends waiting than sessions
 
 Starts ``/usr/sbin/smtp-sink -u nobody 127.0.0.1:<free port> 1024`` (or uses ``--port``), sends
-every message through one SMTPProvider with ``--connections`` pooled sessions and as many sender
-tasks, and checks that every send came back with a 250 receipt. The time covers the sends only
+every message through one SMTPProvider with ``--connections`` pooled sessions and ``--senders``
+sender tasks (as many as connections unless given; more than that is a worker whose concurrency
+exceeds its pool, where sends wait for sessions and the next one's envelope can ride on the
+previous message's write), and checks that every send came back with a 250 receipt. The time covers the sends only
 (sessions are opened inside the timed part, as in a worker's first batch). Each run waits (up to
 ``--quiet-wait`` s) for the shared machine to be quiet and prints how busy it was, the client's
 CPU time per message (user + system: steadier than the rate on a busy machine) and, with
@@ -69,7 +72,9 @@ def build(n: int) -> list[Outgoing]:
     return out
 
 
-async def run_once(messages: list[Outgoing], port: int, connections: int) -> float:
+async def run_once(
+    messages: list[Outgoing], port: int, connections: int, senders: int | None = None
+) -> float:
     provider = SMTPProvider(
         "bench", host="127.0.0.1", port=port, pool_size=connections, helo_name="bench.example"
     )
@@ -85,7 +90,7 @@ async def run_once(messages: list[Outgoing], port: int, connections: int) -> flo
     try:
         started = time.perf_counter()
         async with asyncio.TaskGroup() as tg:
-            for _ in range(connections):
+            for _ in range(senders or connections):
                 tg.create_task(sender())
         elapsed = time.perf_counter() - started
     finally:
@@ -120,6 +125,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("-n", "--messages", type=int, default=20_000)
     ap.add_argument("-c", "--connections", type=int, default=16)
+    ap.add_argument(
+        "-s", "--senders", type=int, default=0, help="sender tasks (default: --connections)"
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     ap.add_argument(
@@ -134,7 +142,11 @@ def main() -> None:
 
     messages = build(args.messages)
     size = statistics.mean(len(m.mime) for m in messages)
-    print(f"{len(messages)} messages, {size:.0f} bytes on average, {args.connections} connections")
+    senders = args.senders or args.connections
+    print(
+        f"{len(messages)} messages, {size:.0f} bytes on average, {args.connections} connections, "
+        f"{senders} senders"
+    )
 
     with tempfile.TemporaryDirectory(prefix="smtp-client-bench-") as tmp:
         procs = ProcessGroup(Path(tmp))
@@ -160,7 +172,7 @@ def main() -> None:
                     ref = args.messages / reference(port, args.messages, args.connections)
                     line += f" smtp-source {ref:,.0f} msg/s;"
                 before = resource.getrusage(resource.RUSAGE_SELF)
-                elapsed = runner(run_once(messages, port, args.connections))
+                elapsed = runner(run_once(messages, port, args.connections, senders))
                 after = resource.getrusage(resource.RUSAGE_SELF)
                 cpu_us = (
                     ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))

@@ -275,7 +275,9 @@ async def scripted(script: Script) -> AsyncIterator[int]:
                     return
                 if verb == "DATA" and r.startswith("354"):
                     data = []
-                    while (line := await reader.readline()) not in (b".\r\n", b""):
+                    while (line := await reader.readline()) != b".\r\n":
+                        if not line:  # the client went away in the middle: no message
+                            return
                         data.append(line)
                     script.messages.append(b"".join(data))
                     script.commands.append("END")
@@ -677,6 +679,206 @@ async def test_close_waits_for_sends_in_flight(make_provider: Any) -> None:
 
     assert [r.code for r in receipts] == [250] * 4
     assert slow.commands.count("QUIT") == slow.connections
+
+
+# -- pipelining across messages: the next envelope rides on the previous message's write --------
+
+
+def numbered(i: int) -> Outgoing:
+    mime = MIME.replace(b"<m1@", f"<m{i}@".encode()) + f".line {i}\r\n".encode()
+    return outgoing(f"r{i}@example.test", mime=mime, id=f"m{i}")
+
+
+def sent_by(script: Script, i: int) -> int:
+    """How many times the scripted server received message i (its content, dot-stuffed)."""
+    return sum(f"..line {i}\r\n".encode() in m for m in script.messages)
+
+
+@pytest.mark.parametrize("pool_size", [1, 2])
+async def test_many_sends_over_one_or_two_connections_arrive_intact_once_with_their_own_replies(
+    smtpd: Any, make_provider: Any, pool_size: int
+) -> None:
+    handler = Recorder(pipelining=True)
+    provider = make_provider(
+        smtpd(handler).port, pool_size=pool_size, max_messages_per_connection=50
+    )
+    sends = [numbered(i) for i in range(200)]
+
+    receipts = await asyncio.gather(*(provider.send(m) for m in sends))
+
+    assert len(handler.messages) == 200
+    for m, r in zip(sends, receipts, strict=True):
+        assert r.code == 250
+        assert r.provider_message_id is not None
+        got = handler.messages[int(r.provider_message_id[1:]) - 1]  # the reply names its message
+        assert got.rcpt_tos == list(m.rcpt_to)
+        assert got.content == m.mime
+    assert sorted(m.rcpt_tos[0] for m in handler.messages) == sorted(s.rcpt_to[0] for s in sends)
+    assert provider.pipelined_transactions >= 150  # not every one: a new session starts clean
+    per_connection = [
+        sum(m.peer == peer for m in handler.messages) for peer in {m.peer for m in handler.messages}
+    ]
+    assert max(per_connection) <= 50 and len(per_connection) >= 4
+
+
+async def test_no_pipelining_across_messages_without_pipelining(
+    smtpd: Any, make_provider: Any
+) -> None:
+    handler = Recorder(pipelining=False)
+    provider = make_provider(smtpd(handler).port, pool_size=1)
+
+    receipts = await asyncio.gather(*(provider.send(numbered(i)) for i in range(10)))
+
+    assert [r.code for r in receipts] == [250] * 10
+    assert provider.pipelined_transactions == 0
+    assert sorted(m.rcpt_tos[0] for m in handler.messages) == sorted(
+        f"r{i}@example.test" for i in range(10)
+    )
+
+
+async def run_pair(provider: SMTPProvider) -> list[Any]:
+    """Two sends over a pool of one: the second's envelope goes out behind the first's data."""
+    return await asyncio.gather(
+        provider.send(numbered(1)), provider.send(numbered(2)), return_exceptions=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "code"),
+    [
+        ("554 5.7.1 spam", PermanentError, 554),
+        ("451 4.3.0 local error, try again in 2 minutes", TransientError, 451),
+    ],
+)
+async def test_a_message_refused_at_end_of_data_leaves_the_next_ones_replies_to_it(
+    make_provider: Any, reply: str, error: type[Exception], code: int
+) -> None:
+    ends = iter([Slow(reply, 0.05), "250 2.0.0 Ok: queued as SECOND"])
+    script = Script(replies={"END": lambda: next(ends)})
+    async with scripted(script) as port:
+        provider = make_provider(port, pool_size=1)
+        first, second = await run_pair(provider)
+        await provider.close()
+
+    assert type(first) is error and first.code == code
+    assert second.code == 250 and second.provider_message_id == "SECOND"
+    assert provider.pipelined_transactions == 1
+    assert script.connections == 1  # the replies stayed in step: the session went on
+    assert script.commands == ["EHLO", *["MAIL", "RCPT", "DATA", "END"] * 2, "QUIT"]  # no RSET
+    assert (sent_by(script, 1), sent_by(script, 2)) == (1, 1)
+
+
+async def test_a_421_at_end_of_data_sends_the_pipelined_message_again_on_a_new_connection(
+    make_provider: Any,
+) -> None:
+    ends = iter(["421 4.3.0 fake.test shutting down"])
+    script = Script(replies={"END": lambda: next(ends, "250 2.0.0 Ok: queued as AGAIN")})
+    async with scripted(script) as port:
+        provider = make_provider(port, pool_size=1)
+        first, second = await run_pair(provider)
+        await provider.close()
+
+    assert isinstance(first, ProviderFault) and first.code == 421
+    assert second.code == 250 and second.provider_message_id == "AGAIN"
+    assert script.connections == 2
+    assert (sent_by(script, 1), sent_by(script, 2)) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("replies", "first_error", "second_error", "connections"),
+    [
+        # the first message's final reply never comes: it may have arrived (at least once);
+        # the second's MAIL FROM was never answered: it goes again on a fresh connection
+        ({"END": iter([DROP])}, "connection lost at end of data", None, 2),
+        # the first is accepted, the connection goes before the second's MAIL FROM is answered
+        ({"MAIL": iter(["250 2.1.0 Ok", DROP])}, None, None, 2),
+        # the second's MAIL FROM was answered: as on any session, a loss after that is transient
+        ({"RCPT": iter(["250 2.1.5 Ok", DROP])}, None, "connection lost at RCPT TO", 1),
+    ],
+    ids=["drop-at-first-end", "drop-at-second-mail", "drop-at-second-rcpt"],
+)
+async def test_a_connection_lost_in_the_middle_of_a_pipelined_pair(
+    make_provider: Any,
+    replies: dict[str, Iterator[Any]],
+    first_error: str | None,
+    second_error: str | None,
+    connections: int,
+) -> None:
+    defaults = Script()
+    script = Script(
+        replies={v: (lambda v=v, it=it: next(it, defaults.reply(v))) for v, it in replies.items()}
+    )
+    async with scripted(script) as port:
+        provider = make_provider(port, pool_size=1)
+        results = await run_pair(provider)
+        await provider.close()
+
+    assert provider.pipelined_transactions >= 1
+    for i, (result, expected) in enumerate(
+        zip(results, (first_error, second_error), strict=True), 1
+    ):
+        if expected is None:
+            assert result.code == 250, result
+            assert sent_by(script, i) == 1
+        else:
+            assert type(result) is TransientError
+            assert expected in str(result)
+    assert script.connections == connections
+
+
+async def test_a_pipelined_send_keeps_its_step_timeout(make_provider: Any) -> None:
+    rcpts = iter(["250 2.1.5 Ok", HANG])
+    script = Script(replies={"RCPT": lambda: next(rcpts, "250 2.1.5 Ok")})
+    async with scripted(script) as port:
+        provider = make_provider(port, pool_size=1, timeout_s=TIMEOUT_S)
+        started = time.monotonic()
+        first, second = await run_pair(provider)
+        assert time.monotonic() - started < TIMEOUT_S + 0.5
+        await provider.close()
+
+    assert first.code == 250
+    assert type(second) is TransientError
+    assert "timed out (0.5 s) waiting for the reply to RCPT TO" in str(second)
+
+
+async def test_a_send_cancelled_while_its_envelope_is_on_the_wire_drops_the_session(
+    make_provider: Any,
+) -> None:
+    script = Script(replies={"END": Slow("250 2.0.0 Ok: queued as X", 0.2)})
+    async with scripted(script) as port:
+        provider = make_provider(port, pool_size=1)
+        first = asyncio.create_task(provider.send(numbered(1)))
+        second = asyncio.create_task(provider.send(numbered(2)))
+        await asyncio.sleep(0.1)
+        assert provider.pipelined_transactions == 1
+        second.cancel()
+        assert (await first).code == 250
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        third = await provider.send(numbered(3))
+        await provider.close()
+
+    assert third.code == 250
+    assert script.connections == 2  # nobody answered the second's commands: not reused
+    assert [sent_by(script, i) for i in (1, 2, 3)] == [1, 0, 1]
+
+
+async def test_close_lets_a_pipelined_send_finish_and_refuses_the_ones_still_waiting(
+    make_provider: Any,
+) -> None:
+    script = Script(replies={"END": Slow("250 2.0.0 Ok", 0.1)})
+    async with scripted(script) as port:
+        provider = make_provider(port, pool_size=1)
+        sends = [asyncio.create_task(provider.send(numbered(i))) for i in range(4)]
+        await asyncio.sleep(0.05)
+        assert provider.pipelined_transactions == 1
+        await provider.close()
+        assert all(s.done() for s in sends)
+        results = await asyncio.gather(*sends, return_exceptions=True)
+
+    assert [getattr(r, "code", None) for r in results[:2]] == [250, 250]
+    assert all(isinstance(r, ProviderFault) and "closed" in str(r) for r in results[2:])
+    assert script.commands.count("QUIT") == script.connections == 1
 
 
 # -- TLS and AUTH --------------------------------------------------------------------------------

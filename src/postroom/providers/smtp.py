@@ -17,12 +17,29 @@ Classification (the one place SMTP answers become Postroom errors):
 Timeouts: opening a session runs under asyncio.timeout, rescheduled at each step; in a transaction
 each step only moves the session's deadline, and one watchdog timer per provider aborts the
 connection of a session past its deadline (no timer per reply on the hot path).
+
+Pipelining across messages: when sends are waiting for a session and the server offers PIPELINING,
+a transaction writes the first waiting send's MAIL/RCPT/DATA right after its own content and end
+of data, in the same write (RFC 2920 3.1: end of data may be followed by further commands), and
+hands the session on to that send after its own final reply: that send then reads the replies to
+its commands, which come next, in order. The final reply decides:
+
+* 250, or a 4xx/5xx other than 421: the transaction is over on the server (no RSET) and the next
+  send reads its replies on the session, classified as on any reused session (421 or a lost
+  connection at MAIL FROM: it starts again on a fresh session, nothing was taken);
+* anything else (421, a lost connection, a timeout, a garbled or unexpected reply): the session
+  is dropped and the next send starts again on a fresh session; its MAIL FROM was never answered,
+  so the server discarded the incomplete transaction.
+
+A send whose envelope rides on another's write never gets a reply meant for someone else: each
+send reads only after the one before it on the session has read its final reply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 import socket
 import ssl
@@ -127,6 +144,7 @@ class _Session:
         "deadline",
         "eightbit",
         "last_used_s",
+        "next",
         "ok",
         "pipelining",
         "reader",
@@ -154,6 +172,7 @@ class _Session:
         self.stage = "connect"
         self.deadline = 0.0  # loop time by which the pending step must be done (the watchdog's)
         self.timed_out = False
+        self.next: _Waiter | None = None  # the send whose envelope follows this transaction's data
 
     def parse_ehlo(self, text: bytes) -> None:
         self.pipelining = self.eightbit = self.smtputf8 = self.starttls = False
@@ -182,12 +201,35 @@ class _Session:
         self.writer.transport.abort()
 
 
+class _Waiter:
+    """A send waiting for a slot. A session may carry its envelope ahead of its turn: `taken` then,
+    and that session's current send answers `future` (the session, or None when it failed)."""
+
+    __slots__ = ("future", "mail_from", "payload", "rcpts", "size", "taken")
+
+    def __init__(
+        self,
+        future: asyncio.Future[_Session | None],
+        mail_from: str,
+        rcpts: Sequence[str],
+        payload: bytes,
+        size: int,
+    ) -> None:
+        self.future = future
+        self.mail_from = mail_from
+        self.rcpts = rcpts
+        self.payload = payload
+        self.size = size
+        self.taken = False
+
+
 class SMTPProvider:
     """Delivers through one SMTP server (relay or smarthost) over a pool of persistent sessions.
 
     Each `send` takes a session from the pool (opening one if fewer than `pool_size` are open),
     runs one transaction -- pipelined when the server offers PIPELINING -- and puts the session
-    back. `timeout_s` bounds every network step (connect, TLS handshake, each reply).
+    back, or hands it to a waiting send whose envelope it wrote after its own message (see the
+    module docstring). `timeout_s` bounds every network step (connect, TLS handshake, each reply).
     """
 
     kind = "smtp"
@@ -238,9 +280,11 @@ class SMTPProvider:
                 ssl_context.check_hostname = False
                 ssl_context.verify_mode = ssl.CERT_NONE
         self._ssl_context = ssl_context
-        self._slots = asyncio.Semaphore(pool_size)
+        self._free = pool_size  # slots nobody holds
+        self._waiters: deque[_Waiter] = deque()  # sends waiting for a slot, first come first
         self._idle: deque[_Session] = deque()  # the most recently used on the right
         self._active = 0  # sends holding a slot
+        self.pipelined_transactions = 0  # envelopes written behind the previous message's data
         self._drained = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()  # sessions being QUIT in the background
         self._closed = False
@@ -258,29 +302,40 @@ class SMTPProvider:
         if not rcpts:
             raise PermanentError("the message has no recipients", provider=self.name)
         mime = message.mime
+        mail_from = message.mail_from
         payload = dot_stuff(mime)
         size = len(mime) if mime.endswith(b"\r\n") else len(mime) + 2  # RFC 1870: unstuffed
-        async with self._slots:
-            if self._closed:
-                raise ProviderFault("provider is closed", provider=self.name)
+        if self._free and not self._waiters:
+            self._free -= 1
             self._active += 1
-            try:
+            session = None
+        else:  # a slot, or a session that already carries our envelope
+            session = await self._wait(mail_from, rcpts, payload, size)
+        handed_on = False  # the slot went on with the session to the send it carries
+        try:
+            primed = session is not None
+            if session is None:
+                if self._closed:
+                    raise ProviderFault("provider is closed", provider=self.name)
                 session = self._checkout()
                 if session is None:
                     session = await self._connect()
-                try:
-                    return await self._deliver(session, message.mail_from, rcpts, payload, size)
-                except _Stale:
-                    # The server closed the idle session (its own timeout); nothing was taken.
-                    session.abort()
-                    session = await self._connect()
-                    return await self._deliver(session, message.mail_from, rcpts, payload, size)
-                finally:
-                    self._checkin(session)
+            try:
+                return await self._deliver(session, mail_from, rcpts, payload, size, primed)
+            except _Stale:
+                # The server closed the session (idle, or before answering the MAIL FROM that
+                # rode on the previous message); nothing was taken.
+                session.abort()
+                session = await self._connect()
+                return await self._deliver(session, mail_from, rcpts, payload, size, False)
             finally:
-                self._active -= 1
-                if self._closed and not self._active:
-                    self._drained.set()
+                handed_on = self._pass_on(session)
+        finally:
+            self._active -= 1
+            if not handed_on:
+                self._release()
+            if self._closed and not self._active:
+                self._drained.set()
 
     async def close(self) -> None:
         """QUIT every session. Sends in flight finish first (bounded by their timeouts)."""
@@ -296,6 +351,84 @@ class SMTPProvider:
             self._watchdog = None
 
     # -- the pool -----------------------------------------------------------------------------
+
+    async def _wait(
+        self, mail_from: str, rcpts: Sequence[str], payload: bytes, size: int
+    ) -> _Session | None:
+        """Wait for a slot: None, or a session on which our envelope was already written."""
+        waiter = _Waiter(
+            asyncio.get_running_loop().create_future(), mail_from, rcpts, payload, size
+        )
+        self._waiters.append(waiter)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if not waiter.future.cancelled():  # given a slot just as we were cancelled
+                session = waiter.future.result()
+                if session is not None:
+                    session.abort()  # our commands are on it, unanswered
+                self._active -= 1
+                self._release()
+                if self._closed and not self._active:
+                    self._drained.set()
+            elif not waiter.taken:  # (a taken one: the session's send sees the cancelled future)
+                with contextlib.suppress(ValueError):  # dropped by _release or _next_envelope
+                    self._waiters.remove(waiter)
+            raise
+
+    def _release(self) -> None:
+        """Give a slot back: to the first waiting send, if any."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.future.done():  # done: cancelled
+                self._active += 1
+                waiter.future.set_result(None)
+                return
+        self._free += 1
+
+    def _next_envelope(self, session: _Session) -> bytes:
+        """The first waiting send's MAIL/RCPT/DATA, to write after this session's message data;
+        b"" when there is none or it cannot go on this session."""
+        waiters = self._waiters
+        while waiters and waiters[0].future.done():
+            waiters.popleft()
+        if (
+            not waiters
+            or self._closed
+            or session.transactions + 2 > self.max_messages_per_connection
+        ):
+            return b""
+        waiter = waiters[0]
+        try:
+            _, _, group = self._envelope(
+                session, waiter.mail_from, waiter.rcpts, waiter.payload, waiter.size
+            )
+        except ProviderError:
+            return b""  # it fails in its own turn
+        waiters.popleft()
+        waiter.taken = True
+        session.next = waiter
+        self.pipelined_transactions += 1
+        return group
+
+    def _pass_on(self, session: _Session) -> bool:
+        """A send is done with `session`: back to the pool, or on, with the slot, to the send whose
+        envelope followed its message (True). That send gets None when the session failed before
+        its MAIL FROM was answered: it starts again on a fresh one."""
+        waiter = session.next
+        if waiter is None:
+            self._checkin(session)
+            return False
+        session.next = None
+        if waiter.future.done():  # cancelled, with its commands on the wire: nobody can go on
+            session.abort()
+            return False
+        if not session.ok:
+            session.abort()
+        self._active += 1
+        waiter.future.set_result(session if session.ok else None)
+        return True
 
     def _checkout(self) -> _Session | None:
         idle = self._idle
@@ -460,9 +593,16 @@ class SMTPProvider:
     # -- transactions -------------------------------------------------------------------------
 
     async def _deliver(
-        self, session: _Session, mail_from: str, rcpts: Sequence[str], payload: bytes, size: int
+        self,
+        session: _Session,
+        mail_from: str,
+        rcpts: Sequence[str],
+        payload: bytes,
+        size: int,
+        primed: bool,
     ) -> Receipt:
-        """Run transactions until every recipient had its answer (more than one only after 452)."""
+        """Run transactions until every recipient had its answer (more than one only after 452).
+        `primed`: the first transaction's commands are already written."""
         receipt: Receipt | None = None
         notes: list[str] = []
         pending: Sequence[str] = rcpts
@@ -476,6 +616,7 @@ class SMTPProvider:
                     size,
                     # a stale session may be replaced, but never after a batch went out
                     reused=receipt is None and session.transactions > 0,
+                    primed=primed,
                 )
             except ProviderError as e:
                 if receipt is None:
@@ -485,6 +626,7 @@ class SMTPProvider:
                 break
             finally:
                 session.transactions += 1
+                primed = False
             notes.extend(refused)
             if receipt is None:
                 receipt = Receipt(self.name, code, _text(text), _queue_id(text))
@@ -493,23 +635,10 @@ class SMTPProvider:
             receipt.text += "; refused: " + "; ".join(notes)
         return receipt
 
-    async def _transaction(
-        self,
-        session: _Session,
-        mail_from: str,
-        rcpts: Sequence[str],
-        payload: bytes,
-        size: int,
-        *,
-        reused: bool,
-    ) -> tuple[int, bytes, list[str], Sequence[str]]:
-        """One MAIL..DATA transaction. Returns the final reply, refusal notes and the recipients
-        to send in a next transaction (after 452 too many recipients)."""
-        reader = session.reader
-        writer = session.writer
-        readuntil = reader.readuntil
-        step_s = self.timeout_s
-
+    def _envelope(
+        self, session: _Session, mail_from: str, rcpts: Sequence[str], payload: bytes, size: int
+    ) -> tuple[bytes, list[bytes], bytes]:
+        """MAIL FROM, the RCPT TOs, and all of them with DATA as one pipelined write."""
         params = b""
         if session.size:
             if size > session.size:
@@ -536,6 +665,32 @@ class SMTPProvider:
             mail_cmd = mail_cmd[:-2] + b" SMTPUTF8\r\n"
             group = b"".join((mail_cmd, *rcpt_cmds, b"DATA\r\n"))
 
+        return mail_cmd, rcpt_cmds, group
+
+    async def _transaction(
+        self,
+        session: _Session,
+        mail_from: str,
+        rcpts: Sequence[str],
+        payload: bytes,
+        size: int,
+        *,
+        reused: bool,
+        primed: bool,
+    ) -> tuple[int, bytes, list[str], Sequence[str]]:
+        """One MAIL..DATA transaction. Returns the final reply, refusal notes and the recipients
+        to send in a next transaction (after 452 too many recipients). `primed`: MAIL, RCPT and
+        DATA were written behind the previous message on this session; read their replies."""
+        reader = session.reader
+        writer = session.writer
+        readuntil = reader.readuntil
+        step_s = self.timeout_s
+
+        rcpt_cmds: list[bytes] = []
+        if primed:
+            mail_cmd = group = b""
+        else:
+            mail_cmd, rcpt_cmds, group = self._envelope(session, mail_from, rcpts, payload, size)
         pipelining = session.pipelining
         accepted = 0
         refused: list[tuple[str, int, bytes]] = []
@@ -549,7 +704,8 @@ class SMTPProvider:
         try:
             # MAIL FROM (and with PIPELINING: every RCPT TO and DATA in the same write)
             session.stage = "MAIL FROM"
-            writer.write(group if pipelining else mail_cmd)
+            if not primed:
+                writer.write(group if pipelining else mail_cmd)
             try:
                 line = await readuntil(b"\n")
                 mail_code, mail_text = (
@@ -566,9 +722,9 @@ class SMTPProvider:
 
             if pipelining or mail_code == 250:
                 session.stage = "RCPT TO"
-                for rcpt, cmd in zip(rcpts, rcpt_cmds, strict=True):
+                for i, rcpt in enumerate(rcpts):
                     if not pipelining:
-                        writer.write(cmd)
+                        writer.write(rcpt_cmds[i])
                     session.deadline = _now() + step_s
                     line = await readuntil(b"\n")
                     code, text = (
@@ -605,7 +761,9 @@ class SMTPProvider:
                 err = self._error(data_code, data_text, "DATA")
             else:
                 session.stage = "end of data"
-                writer.write(payload)
+                # The next waiting send's envelope in the same write, when there is one.
+                after = self._next_envelope(session) if pipelining and not too_many else b""
+                writer.write(payload + after if after else payload)
                 session.deadline = _now() + step_s + len(payload) / _MIN_UPLOAD_BYTES_PER_S
                 await writer.drain()
                 session.deadline = _now() + step_s
@@ -619,6 +777,11 @@ class SMTPProvider:
                     return code, text, notes, too_many
                 err = self._error(code, text, "end of data")
                 if code == 421:
+                    raise err
+                if session.next is not None:
+                    # The next send's commands follow on the wire (no RSET): after a 4xx/5xx their
+                    # replies come next, in order; after anything else nobody can tell.
+                    session.ok = 400 <= code < 600
                     raise err
                 data_code = 0  # the transaction is over on the server; RSET anyway
 
