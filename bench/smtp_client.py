@@ -10,11 +10,12 @@ Starts ``/usr/sbin/smtp-sink -u nobody 127.0.0.1:<free port> 1024`` (or uses ``-
 every message through one SMTPProvider with ``--connections`` pooled sessions and ``--senders``
 sender tasks (as many as connections unless given; more than that is a worker whose concurrency
 exceeds its pool, where sends wait for sessions and the next one's envelope can ride on the
-previous message's write), and checks that every send came back with a 250 receipt. The time covers the sends only
-(sessions are opened inside the timed part, as in a worker's first batch). Each run waits (up to
-``--quiet-wait`` s) for the shared machine to be quiet and prints how busy it was, the client's
-CPU time per message (user + system: steadier than the rate on a busy machine) and, with
-``--reference``, the rate of ``smtp-source`` with as many sessions measured just before it.
+previous message's write), and checks that every send came back with a 250 receipt. The time
+covers the sends only (sessions are opened inside the timed part, as in a worker's first batch).
+Each run waits (up to ``--quiet-wait`` s) for the shared machine to be quiet and prints how busy
+it was, the client's CPU time per message (user + system: steadier than the rate on a busy
+machine) and, with ``--reference``, the rate of ``smtp-source`` with as many sessions measured
+just before it.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def build(n: int) -> list[Outgoing]:
 
 async def run_once(
     messages: list[Outgoing], port: int, connections: int, senders: int | None = None
-) -> float:
+) -> tuple[float, int]:
+    """The time to send every message, and how many envelopes rode on a previous message's write."""
     provider = SMTPProvider(
         "bench", host="127.0.0.1", port=port, pool_size=connections, helo_name="bench.example"
     )
@@ -97,7 +99,7 @@ async def run_once(
         await provider.close()
     if ok != len(messages):
         raise RuntimeError(f"only {ok} of {len(messages)} sends got a 250 receipt")
-    return elapsed
+    return elapsed, getattr(provider, "pipelined_transactions", 0)
 
 
 def wait_accepting(port: int, timeout_s: float = 10.0) -> None:
@@ -172,7 +174,7 @@ def main() -> None:
                     ref = args.messages / reference(port, args.messages, args.connections)
                     line += f" smtp-source {ref:,.0f} msg/s;"
                 before = resource.getrusage(resource.RUSAGE_SELF)
-                elapsed = runner(run_once(messages, port, args.connections, senders))
+                elapsed, pipelined = runner(run_once(messages, port, args.connections, senders))
                 after = resource.getrusage(resource.RUSAGE_SELF)
                 cpu_us = (
                     ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
@@ -182,6 +184,7 @@ def main() -> None:
                 rates.append(len(messages) / elapsed)
                 line += (
                     f" SMTPProvider ({args.loop}) {rates[-1]:,.0f} msg/s, {cpu_us:.0f} us CPU/msg"
+                    f" ({pipelined / len(messages):.0%} pipelined behind the previous message)"
                 )
                 if args.reference:
                     ratios.append(rates[-1] / ref)

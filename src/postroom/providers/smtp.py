@@ -20,9 +20,9 @@ connection of a session past its deadline (no timer per reply on the hot path).
 
 Pipelining across messages: when sends are waiting for a session and the server offers PIPELINING,
 a transaction writes the first waiting send's MAIL/RCPT/DATA right after its own content and end
-of data, in the same write (RFC 2920 3.1: end of data may be followed by further commands), and
-hands the session on to that send after its own final reply: that send then reads the replies to
-its commands, which come next, in order. The final reply decides:
+of data, in the same write (RFC 2920 3.1: message content may be the first "command" of a group,
+DATA the last), and hands the session on to that send after its own final reply: that send then
+reads the replies to its commands, which come next, in order. The final reply decides:
 
 * 250, or a 4xx/5xx other than 421: the transaction is over on the server (no RSET) and the next
   send reads its replies on the session, classified as on any reused session (421 or a lost
@@ -762,7 +762,11 @@ class SMTPProvider:
             else:
                 session.stage = "end of data"
                 # The next waiting send's envelope in the same write, when there is one.
-                after = self._next_envelope(session) if pipelining and not too_many else b""
+                after = (
+                    self._next_envelope(session)
+                    if self._waiters and pipelining and not too_many
+                    else b""
+                )
                 writer.write(payload + after if after else payload)
                 session.deadline = _now() + step_s + len(payload) / _MIN_UPLOAD_BYTES_PER_S
                 await writer.drain()
