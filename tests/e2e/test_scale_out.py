@@ -394,6 +394,8 @@ def test_postgres_restart_under_load_loses_nothing_and_clients_see_503(
     assert {f"<{mid}@example.com>" for mid in accepted} <= set(received)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_two_api_processes_and_two_workers_deliver_end_to_end(pg_url: str, tmp_path: Path) -> None:
     ports = [free_port(), free_port()]
     bases = [f"http://127.0.0.1:{p}" for p in ports]
