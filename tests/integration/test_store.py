@@ -144,6 +144,32 @@ async def test_list_pages_newest_first_with_filters(store: Store) -> None:
     assert len(news.items) == 3
     to = await store.list_messages(MessageFilter(to="user4@example.org"))
     assert [r.content["to"] for r in to.items] == [["user4@example.org"]]
+    assert len((await store.list_messages(MessageFilter(to="USER4@example.org"))).items) == 1
+    assert len((await store.list_messages(MessageFilter(to="user4"))).items) == 1  # a part matches too
+
+
+async def test_recipient_and_tag_filters_page_and_combine(store: Store) -> None:
+    bodies = [
+        msg(i, to=["ann@example.org"] if i % 3 else ["bob@example.org"], cc=["cc@example.org"],
+            tags=["news", "weekly"] if i % 2 else ["receipt"])
+        for i in range(12)
+    ]
+    ids = [r.id for r in await store.enqueue(bodies)]
+    ann = [i for n, i in enumerate(ids) if n % 3]
+    pages, cursor = [], None
+    while True:
+        page = await store.list_messages(MessageFilter(to="ann@example.org", limit=3, cursor=cursor))
+        pages.extend(r.id for r in page.items)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert pages == sorted(ann, reverse=True)
+    assert len((await store.list_messages(MessageFilter(to="cc@example.org", limit=50))).items) == 12
+    both = await store.list_messages(MessageFilter(to="bob@example.org", tag="receipt", limit=50))
+    assert sorted(r.id for r in both.items) == sorted(i for n, i in enumerate(ids) if n % 3 == 0 and n % 2 == 0)
+    (first,) = await store.claim("w", 1, 30)
+    sending = await store.list_messages(MessageFilter(tag="weekly", status=Status.SENDING, limit=50))
+    assert [r.id for r in sending.items] == ([first.id] if ids.index(first.id) % 2 else [])
 
 
 async def test_stats_count_by_status_and_recent_outcomes(store: Store) -> None:

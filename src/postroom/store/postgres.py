@@ -49,7 +49,7 @@ from postroom.domain.ports import (
     MessageRecord,
     WorkerInfo,
 )
-from postroom.store.sqlite import hash_secret, insert_rows
+from postroom.store.sqlite import hash_secret, insert_rows, key_filter
 
 __all__ = ["PostgresStore", "asyncpg_dsn"]
 
@@ -103,6 +103,15 @@ WITH src AS (
     INSERT INTO message_content (id, content) SELECT src.id, src.content FROM src JOIN ins USING (id)
 ), ev AS (
     INSERT INTO events (message_id, at, type) SELECT id, created_at, status FROM ins
+), keyed AS (
+    INSERT INTO message_keys (key, message_id)
+    SELECT DISTINCT k.key, src.id FROM src JOIN ins USING (id)
+    CROSS JOIN LATERAL (
+        SELECT 'to:' || r FROM unnest(string_to_array(src.rcpt, ',')) AS r WHERE r <> ''
+        UNION ALL
+        SELECT 'tag:' || t FROM unnest(string_to_array(coalesce(src.tags, ''), ',')) AS t WHERE t <> ''
+    ) AS k(key)
+    ON CONFLICT DO NOTHING
 ), counted AS (
     INSERT INTO throughput (bucket, kind, n)
     SELECT {_BUCKET}, 'accepted', count(*) FROM ins HAVING count(*) > 0
@@ -650,23 +659,32 @@ class PostgresStore:
             params.append(v)
             return f"${len(params)}"
 
+        lookup = key_filter(flt)
+        order = "m.id"
+        if lookup is not None:
+            # walk the (key, message_id) index newest first: no scan, no sort
+            where.append(f"k.key = {p(lookup[1])}")
+            order = "k.message_id"
         if flt.status is not None:
             where.append(f"m.status = {p(flt.status.value)}")
-        if flt.tag:
+        if flt.tag and (lookup is None or lookup[0] != "tag"):
             where.append(f"m.tags LIKE {p(f'%,{flt.tag},%')}")
-        if flt.to:
-            pattern = f"%,{flt.to.lower()},%" if "@" in flt.to else f"%{flt.to.lower()}%"
-            where.append(f"m.rcpt LIKE {p(pattern)}")
+        if flt.to and (lookup is None or lookup[0] != "to"):
+            where.append(f"m.rcpt LIKE {p(f'%{flt.to.lower()}%')}")
         if flt.since is not None:
             where.append(f"m.created_at >= {p(flt.since)}")
         if flt.until is not None:
             where.append(f"m.created_at < {p(flt.until)}")
         if flt.cursor:
-            where.append(f"m.id < {p(flt.cursor)}")
-        sql = f"SELECT {_MSG_COLS} FROM {_MSG_FROM}"
+            where.append(f"{order} < {p(flt.cursor)}")
+        sql = f"SELECT {_MSG_COLS} FROM "
+        if lookup is not None:
+            sql += "message_keys k JOIN messages m ON m.id = k.message_id JOIN message_content c ON c.id = m.id"
+        else:
+            sql += _MSG_FROM
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY m.id DESC LIMIT {p(flt.limit + 1)}"
+        sql += f" ORDER BY {order} DESC LIMIT {p(flt.limit + 1)}"
         rows = await self._run(lambda c: c.fetch(sql, *params), tx=False)
         items = [_record(r) for r in rows[: flt.limit]]
         return MessagePage(items, items[-1].id if len(rows) > flt.limit else None)

@@ -64,10 +64,25 @@ message_content = sa.Table(
     sa.Column("content", sa.Text, nullable=False),
 )
 
+# Exact-match lookups for the message list: "to:<address>" and "tag:<name>" -> message ids, so
+# filtering a million messages by recipient or tag walks an index in id order instead of scanning.
+message_keys = sa.Table(
+    "message_keys",
+    metadata,
+    sa.Column("key", sa.String(400), primary_key=True),
+    sa.Column("message_id", sa.String(32), primary_key=True),
+    sqlite_with_rowid=False,
+)
+
 events = sa.Table(
     "events",
     metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
     sa.Column("message_id", sa.String(32), nullable=False),
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("type", sa.String(32), nullable=False),

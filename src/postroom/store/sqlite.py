@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import orjson
 
 from postroom.domain.errors import ConflictError, NotFound, StoreUnavailable
+from postroom.domain.ids import new_id
 from postroom.domain.model import (
     CANCELLABLE,
     ClaimedMessage,
@@ -35,7 +36,6 @@ from postroom.domain.ports import (
     MessageRecord,
     WorkerInfo,
 )
-from postroom.domain.ids import new_id
 from postroom.store import schema
 
 __all__ = ["SQLiteStore", "hash_secret"]
@@ -59,7 +59,12 @@ _COUNT_SQL = (
 )
 
 # outcome status -> the throughput counter it adds to
-_COUNTED = {Status.SENT: "sent", Status.FAILED: "failed", Status.RETRYING: "retried", Status.SUPPRESSED: "failed"}
+_COUNTED = {
+    Status.SENT: "sent",
+    Status.FAILED: "failed",
+    Status.RETRYING: "retried",
+    Status.SUPPRESSED: "failed",
+}
 
 
 def bucket_of(t: float) -> int:
@@ -80,7 +85,10 @@ def fold_throughput(
 ) -> list[dict[str, Any]]:
     """(bucket, kind, n) rows -> one dict per interval from `start` to `now`."""
     n = int((now - start) // step_s) + 1
-    series = [{"t": start + i * step_s, "accepted": 0, "sent": 0, "failed": 0, "retried": 0} for i in range(n)]
+    series = [
+        {"t": start + i * step_s, "accepted": 0, "sent": 0, "failed": 0, "retried": 0}
+        for i in range(n)
+    ]
     for bucket, kind, count in rows:
         i = (int(bucket) - start) // step_s
         if 0 <= i < n and kind in series[i]:
@@ -140,6 +148,24 @@ _INSERT_SQL = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_CONTENT_SQL = "INSERT INTO message_content (id, content) VALUES (?, ?)"
+_INSERT_KEY_SQL = "INSERT OR IGNORE INTO message_keys (key, message_id) VALUES (?, ?)"
+
+
+def key_rows(row: tuple[Any, ...]) -> list[tuple[str, str]]:
+    """The lookup keys of an insert_rows() tuple: one per recipient and per tag."""
+    keys = [("to:" + r, row[0]) for r in row[8].split(",") if r]
+    if row[9]:
+        keys.extend(("tag:" + t, row[0]) for t in row[9].split(",") if t)
+    return keys
+
+
+def key_filter(flt: MessageFilter) -> tuple[str, str] | None:
+    """The exact lookup key a filter can use (a full address, or a tag), if any."""
+    if flt.to and "@" in flt.to:
+        return "to", "to:" + flt.to.lower()
+    if flt.tag:
+        return "tag", "tag:" + flt.tag
+    return None
 
 
 def _split(row: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[str, str]]:
@@ -314,6 +340,7 @@ class SQLiteStore:
             if len(plain) == len(rows):
                 conn.executemany(_INSERT_SQL, [r[:7] + r[8:] for r in rows])
                 conn.executemany(_INSERT_CONTENT_SQL, [(r[0], r[7]) for r in rows])
+                conn.executemany(_INSERT_KEY_SQL, [k for r in rows for k in key_rows(r)])
                 results = [EnqueueResult(r[0], Status(r[1])) for r in rows]
                 events = [(r[0], now, r[1], None, None, None, None) for r in rows]
             else:
@@ -342,6 +369,7 @@ class SQLiteStore:
                     head, body = _split(r)
                     conn.execute(_INSERT_SQL, head)
                     conn.execute(_INSERT_CONTENT_SQL, body)
+                    conn.executemany(_INSERT_KEY_SQL, key_rows(r))
                     results.append(EnqueueResult(r[0], Status(r[1])))
                     events.append((r[0], now, r[1], None, None, None, None))
             conn.executemany(_EVENT_SQL, events)
@@ -450,7 +478,14 @@ class SQLiteStore:
             conn.executemany(_EVENT_SQL, events)
             conn.executemany(
                 _COUNT_SQL,
-                count_rows(now, [_COUNTED[o.status] for o, ok in zip(outcomes, accepted, strict=True) if ok and o.status in _COUNTED]),
+                count_rows(
+                    now,
+                    [
+                        _COUNTED[o.status]
+                        for o, ok in zip(outcomes, accepted, strict=True)
+                        if ok and o.status in _COUNTED
+                    ],
+                ),
             )
             return accepted
 
@@ -489,7 +524,15 @@ class SQLiteStore:
             rec = _record(row)
             if with_events:
                 rec.events = [
-                    Event(message_id, type=r[0], at=r[1], worker=r[2], provider=r[3], code=r[4], detail=r[5])
+                    Event(
+                        message_id,
+                        type=r[0],
+                        at=r[1],
+                        worker=r[2],
+                        provider=r[3],
+                        code=r[4],
+                        detail=r[5],
+                    )
                     for r in conn.execute(
                         "SELECT type, at, worker, provider, code, detail FROM events"
                         " WHERE message_id = ? ORDER BY id",
@@ -503,15 +546,22 @@ class SQLiteStore:
     async def list_messages(self, flt: MessageFilter) -> MessagePage:
         where: list[str] = []
         params: list[Any] = []
+        lookup = key_filter(flt)
+        order = "m.id"
+        if lookup is not None:
+            # walk the (key, message_id) index newest first: no scan, no sort
+            where.append("k.key = ?")
+            params.append(lookup[1])
+            order = "k.message_id"
         if flt.status is not None:
             where.append("m.status = ?")
             params.append(flt.status.value)
-        if flt.tag:
+        if flt.tag and (lookup is None or lookup[0] != "tag"):
             where.append("m.tags LIKE ?")
             params.append(f"%,{flt.tag},%")
-        if flt.to:
+        if flt.to and (lookup is None or lookup[0] != "to"):
             where.append("m.rcpt LIKE ?")
-            params.append(f"%,{flt.to.lower()},%" if "@" in flt.to else f"%{flt.to.lower()}%")
+            params.append(f"%{flt.to.lower()}%")
         if flt.since is not None:
             where.append("m.created_at >= ?")
             params.append(flt.since)
@@ -519,12 +569,16 @@ class SQLiteStore:
             where.append("m.created_at < ?")
             params.append(flt.until)
         if flt.cursor:
-            where.append("m.id < ?")
+            where.append(f"{order} < ?")
             params.append(flt.cursor)
-        sql = f"SELECT {_MSG_COLS} FROM {_MSG_FROM}"
+        sql = f"SELECT {_MSG_COLS} FROM "
+        if lookup is not None:
+            sql += "message_keys k JOIN messages m ON m.id = k.message_id JOIN message_content c ON c.id = m.id"
+        else:
+            sql += _MSG_FROM
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY m.id DESC LIMIT ?"
+        sql += f" ORDER BY {order} DESC LIMIT ?"
         params.append(flt.limit + 1)
 
         def q(conn: sqlite3.Connection) -> MessagePage:
@@ -598,7 +652,9 @@ class SQLiteStore:
                         (bucket_of(now) - span,),
                     ).fetchall()
                 )
-                recent[label] = {k: counts.get(k, 0) for k in ("accepted", "sent", "failed", "retried")}
+                recent[label] = {
+                    k: counts.get(k, 0) for k in ("accepted", "sent", "failed", "retried")
+                }
             return {
                 "by_status": by_status,
                 "queue_depth": by_status["queued"]
@@ -613,7 +669,10 @@ class SQLiteStore:
 
     async def throughput(self, since: float, step_s: int = 60) -> list[dict[str, Any]]:
         """Counts per `step_s` interval from `since` to now (oldest first, empty intervals included)."""
-        step_s = max(schema.THROUGHPUT_BUCKET_S, step_s // schema.THROUGHPUT_BUCKET_S * schema.THROUGHPUT_BUCKET_S)
+        step_s = max(
+            schema.THROUGHPUT_BUCKET_S,
+            step_s // schema.THROUGHPUT_BUCKET_S * schema.THROUGHPUT_BUCKET_S,
+        )
         start = int(since // step_s) * step_s
 
         def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -724,13 +783,23 @@ class SQLiteStore:
 
     async def count_keys(self) -> int:
         return await self._r(
-            lambda c: c.execute("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL").fetchone()[0]
+            lambda c: c.execute(
+                "SELECT count(*) FROM api_keys WHERE revoked_at IS NULL"
+            ).fetchone()[0]
         )
 
     # -- capture inbox ----------------------------------------------------------------------
     async def capture(self, mails: Sequence[CapturedMail]) -> None:
         rows = [
-            (m.id, m.message_id, m.captured_at, m.mail_from, orjson.dumps(m.rcpt_to).decode(), m.subject, m.mime)
+            (
+                m.id,
+                m.message_id,
+                m.captured_at,
+                m.mail_from,
+                orjson.dumps(m.rcpt_to).decode(),
+                m.subject,
+                m.mime,
+            )
             for m in mails
         ]
 
