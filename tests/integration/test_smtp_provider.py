@@ -212,9 +212,15 @@ class Slow:
 
 
 @dataclass
+class Close:
+    text: str  # answer, then hang up (as a server does after 421)
+
+
+@dataclass
 class Script:
-    """What a scripted server answers: text (CRLF-separated lines), HANG, DROP, Slow(text, delay_s)
-    or a function returning one of these."""
+    """What a scripted server answers: text (CRLF-separated lines), HANG, DROP, Slow(text, delay_s),
+    Close(text) or a function returning one of these (for END, script.messages[-1] is the message
+    being answered)."""
 
     greeting: Any = "220 fake.test ESMTP"
     replies: dict[str, Any] = field(default_factory=dict)
@@ -253,6 +259,10 @@ async def scripted(script: Script) -> AsyncIterator[int]:
         if isinstance(r, Slow):
             await asyncio.sleep(r.delay_s)
             r = r.text
+        if isinstance(r, Close):
+            writer.write(r.text.encode() + b"\r\n")
+            await writer.drain()
+            return False
         writer.write(r.encode() + b"\r\n")
         await writer.drain()
         return True
@@ -879,6 +889,67 @@ async def test_close_lets_a_pipelined_send_finish_and_refuses_the_ones_still_wai
     assert [getattr(r, "code", None) for r in results[:2]] == [250, 250]
     assert all(isinstance(r, ProviderFault) and "closed" in str(r) for r in results[2:])
     assert script.commands.count("QUIT") == script.connections == 1
+
+
+async def test_random_faults_never_give_a_send_another_messages_outcome(
+    make_provider: Any,
+) -> None:
+    """300 sends over 2 connections; the server refuses, defers, drops, closes or answers twice
+    at random at the end of data (decided per message) and drops some connections at MAIL FROM.
+    Every send must get the outcome of its own message, and no message may reach the server
+    twice."""
+    import random
+    import re
+
+    rng = random.Random(2920)
+    answers: dict[int, list[str]] = {}
+
+    def end() -> Any:
+        i = int(re.findall(rb"\.\.line (\d+)\r\n", script.messages[-1])[-1])
+        kind = random.Random(i).choices(
+            ["250", "554", "451", "DROP", "421", "ODD"], weights=[65, 7, 7, 7, 7, 7]
+        )[0]
+        answers.setdefault(i, []).append(kind)
+        return {
+            "250": f"250 2.0.0 Ok: queued as Q{i}",
+            "554": f"554 5.7.1 no {i}",
+            "451": f"451 4.3.0 later {i}",
+            "DROP": DROP,
+            "421": Close(f"421 4.3.0 bye {i}"),
+            "ODD": f"252 2.0.0 odd {i}\r\n250 2.0.0 a stray reply",  # two replies to one command
+        }[kind]
+
+    script = Script(
+        replies={"END": end, "MAIL": lambda: DROP if rng.random() < 0.03 else "250 2.1.0 Ok"}
+    )
+    async with scripted(script) as port:
+        provider = make_provider(port, pool_size=2)
+        results = await asyncio.gather(
+            *(provider.send(numbered(i)) for i in range(300)), return_exceptions=True
+        )
+        await provider.close()
+
+    assert provider.pipelined_transactions > 100
+    assert all(len(a) == 1 for a in answers.values())  # no message content went twice
+    for i, r in enumerate(results):
+        got = answers.get(i, [None])[0]
+        if isinstance(r, BaseException):
+            assert got != "250", (i, r)
+        if got == "250":
+            assert r.provider_message_id == f"Q{i}", (i, r)
+        elif got == "554":
+            assert type(r) is PermanentError and r.text == f"5.7.1 no {i}", (i, r)
+        elif got == "451":
+            assert type(r) is TransientError and r.text == f"4.3.0 later {i}", (i, r)
+        elif got == "421":
+            assert type(r) is ProviderFault and f"421 4.3.0 bye {i}" in str(r), (i, r)
+        elif got == "ODD":
+            assert type(r) is TransientError and f"end of data: 252 2.0.0 odd {i}" in str(r)
+        elif got == "DROP":
+            assert type(r) is TransientError and "connection lost at end of data" in str(r)
+        else:  # its content never reached the server: a connection lost before
+            assert type(r) is TransientError and "connection lost at" in str(r), (i, r)
+    assert {"250", "554", "451", "DROP", "421", "ODD"} <= {a[0] for a in answers.values()}
 
 
 # -- TLS and AUTH --------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ reads the replies to its commands, which come next, in order. The final reply de
   connection at MAIL FROM: it starts again on a fresh session, nothing was taken);
 * anything else (421, a lost connection, a timeout, a garbled or unexpected reply): the session
   is dropped and the next send starts again on a fresh session; its MAIL FROM was never answered,
-  so the server discarded the incomplete transaction.
+  so the server discarded the incomplete transaction. (An unexpected final reply drops the
+  session without pipelining too, where it used to be followed by RSET: after a reply that makes
+  no sense, the next one may not answer the RSET.)
 
 A send whose envelope rides on another's write never gets a reply meant for someone else: each
 send reads only after the one before it on the session has read its final reply.
@@ -780,12 +782,14 @@ class SMTPProvider:
                     notes = [f"<{r}> {c} {_text(x)}" for r, c, x in refused] if refused else []
                     return code, text, notes, too_many
                 err = self._error(code, text, "end of data")
-                if code == 421:
+                if code == 421 or not 400 <= code < 600:
+                    # 421, or a reply that makes no sense here: whatever comes next on this
+                    # session may not answer what we think; only closing is safe.
                     raise err
                 if session.next is not None:
-                    # The next send's commands follow on the wire (no RSET): after a 4xx/5xx their
-                    # replies come next, in order; after anything else nobody can tell.
-                    session.ok = 400 <= code < 600
+                    # The next send's commands follow on the wire (no RSET): their replies come
+                    # next, in order.
+                    session.ok = True
                     raise err
                 data_code = 0  # the transaction is over on the server; RSET anyway
 
