@@ -746,6 +746,13 @@ async def test_no_pipelining_across_messages_without_pipelining(
     )
 
 
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll: the provider has no event for "an envelope went out behind a message"."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
 async def run_pair(provider: SMTPProvider) -> list[Any]:
     """Two sends over a pool of one: the second's envelope goes out behind the first's data."""
     return await asyncio.gather(
@@ -854,13 +861,12 @@ async def test_a_pipelined_send_keeps_its_step_timeout(make_provider: Any) -> No
 async def test_a_send_cancelled_while_its_envelope_is_on_the_wire_drops_the_session(
     make_provider: Any,
 ) -> None:
-    script = Script(replies={"END": Slow("250 2.0.0 Ok: queued as X", 0.2)})
+    script = Script(replies={"END": Slow("250 2.0.0 Ok: queued as X", 0.5)})
     async with scripted(script) as port:
         provider = make_provider(port, pool_size=1)
         first = asyncio.create_task(provider.send(numbered(1)))
         second = asyncio.create_task(provider.send(numbered(2)))
-        await asyncio.sleep(0.1)
-        assert provider.pipelined_transactions == 1
+        await until(lambda: provider.pipelined_transactions == 1)  # the first waits for its reply
         second.cancel()
         assert (await first).code == 250
         with pytest.raises(asyncio.CancelledError):
@@ -876,12 +882,11 @@ async def test_a_send_cancelled_while_its_envelope_is_on_the_wire_drops_the_sess
 async def test_close_lets_a_pipelined_send_finish_and_refuses_the_ones_still_waiting(
     make_provider: Any,
 ) -> None:
-    script = Script(replies={"END": Slow("250 2.0.0 Ok", 0.1)})
+    script = Script(replies={"END": Slow("250 2.0.0 Ok", 0.3)})
     async with scripted(script) as port:
         provider = make_provider(port, pool_size=1)
         sends = [asyncio.create_task(provider.send(numbered(i))) for i in range(4)]
-        await asyncio.sleep(0.05)
-        assert provider.pipelined_transactions == 1
+        await until(lambda: provider.pipelined_transactions == 1)
         await provider.close()
         assert all(s.done() for s in sends)
         results = await asyncio.gather(*sends, return_exceptions=True)
