@@ -45,7 +45,11 @@ def postroom_version() -> str:
 
 def git_head() -> str:
     out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
     return out.stdout.strip()
 
@@ -54,10 +58,13 @@ def record_info(ctx: Context, store: str) -> None:
     ctx.info.setdefault("postroom", f"{postroom_version()} (git {git_head()}, working tree as run)")
     ctx.info.setdefault("store", store)
     ctx.info.setdefault(
-        "provider", f"smtp://127.0.0.1:PORT?pool_size={SMTP_POOL} (smtp-sink), worker defaults otherwise"
+        "provider",
+        f"smtp://127.0.0.1:PORT?pool_size={SMTP_POOL} (smtp-sink), worker defaults otherwise",
     )
     if store == "sqlite":
-        ctx.info.setdefault("sqlite_synchronous", "default (FULL for accepts, NORMAL for status updates)")
+        ctx.info.setdefault(
+            "sqlite_synchronous", "default (FULL for accepts, NORMAL for status updates)"
+        )
 
 
 # -- databases -----------------------------------------------------------------------------
@@ -129,7 +136,9 @@ def cli(db: Database, *args: str, timeout_s: float = 120) -> str:
         timeout=timeout_s,
     )
     if out.returncode != 0:
-        raise RuntimeError(f"postroom {' '.join(args)} failed ({out.returncode}): {out.stderr[-1500:]}")
+        raise RuntimeError(
+            f"postroom {' '.join(args)} failed ({out.returncode}): {out.stderr[-1500:]}"
+        )
     return out.stdout
 
 
@@ -185,16 +194,22 @@ def provider_env(sink: SMTPSink) -> dict[str, str]:
     return {"POSTROOM_PROVIDERS": f"smtp://{sink.host}:{sink.port}?pool_size={SMTP_POOL}"}
 
 
-def start_postroom(ctx: Context, name: str, db: Database, *args: str, env: dict[str, str] | None = None) -> Proc:
+def start_postroom(
+    ctx: Context, name: str, db: Database, *args: str, env: dict[str, str] | None = None
+) -> Proc:
     return ctx.procs.start(
         name, [PYTHON, "-m", "postroom.cli", *args], env=db.env(**(env or {})), cwd=ctx.work_dir
     )
 
 
-def start_http(ctx: Context, name: str, db: Database, command: str, env: dict[str, str] | None = None) -> tuple[Proc, str]:
+def start_http(
+    ctx: Context, name: str, db: Database, command: str, env: dict[str, str] | None = None
+) -> tuple[Proc, str]:
     """``postroom run`` or ``serve`` on a free loopback port, ready; (proc, base URL)."""
     port = free_port()
-    proc = start_postroom(ctx, name, db, command, "--host", "127.0.0.1", "--port", str(port), env=env)
+    proc = start_postroom(
+        ctx, name, db, command, "--host", "127.0.0.1", "--port", str(port), env=env
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http_ready(f"{base}/healthz", timeout_s=min(60, ctx.remaining_s()))

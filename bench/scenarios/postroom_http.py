@@ -53,7 +53,9 @@ def _slope(points: list[tuple[float, float]]) -> float:
     return sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
 
 
-def end_to_end_once(ctx: Context, kind: str, concurrency: int, *, tag: str = "") -> dict[str, float]:
+def end_to_end_once(
+    ctx: Context, kind: str, concurrency: int, *, tag: str = ""
+) -> dict[str, float]:
     """One end-to-end pass on a fresh database at one concurrency."""
     sink = ctx.sink()
     bodies = ctx.message_list()
@@ -129,7 +131,9 @@ def _end_to_end(ctx: Context, kind: str) -> dict[str, float]:
         f"single POSTs over {' and '.join(map(str, CONCURRENCIES))} keep-alive connections "
         "(closed loop, each on a fresh database per run); the better delivered/s is reported"
     )
-    ctx.info["processes"] = "postroom run" if kind == "sqlite" else "postroom serve + postroom worker"
+    ctx.info["processes"] = (
+        "postroom run" if kind == "sqlite" else "postroom serve + postroom worker"
+    )
     results = {}
     for c in CONCURRENCIES:
         r = end_to_end_once(ctx, kind, c)
@@ -175,7 +179,9 @@ def end_to_end_postgres(ctx: Context) -> dict[str, float]:
 
 def _batch_ingest(ctx: Context, kind: str) -> dict[str, float]:
     record_info(ctx, kind)
-    ctx.info["load"] = f"{BATCH:,} messages per request over {BATCH_CONCURRENCY} connections, no worker"
+    ctx.info["load"] = (
+        f"{BATCH:,} messages per request over {BATCH_CONCURRENCY} connections, no worker"
+    )
     msgs = ctx.message_list()
     bodies: list[Any] = [
         json.dumps({"messages": msgs[i : i + BATCH]}).encode() for i in range(0, len(msgs), BATCH)

@@ -84,10 +84,16 @@ def _setup_for(kind: str) -> Any:
             got_small = asyncio.run(_fill(small, SMALL, template, FILL_BUDGET_S))
             got_large = asyncio.run(_fill(large, large_n, template, FILL_BUDGET_S))
             took = time.monotonic() - t
-            ctx.log(f"filled: small {got_small:,}, large {got_large:,} queued in {took:.0f} s (untimed)")
+            ctx.log(
+                f"filled: small {got_small:,}, large {got_large:,} queued in {took:.0f} s (untimed)"
+            )
             ctx.info["fill"] = (
                 f"small {got_small:,} / large {got_large:,} queued through the Store in {took:.0f} s"
-                + ("" if got_large >= large_n else f" (stopped at the {FILL_BUDGET_S:.0f} s fill budget)")
+                + (
+                    ""
+                    if got_large >= large_n
+                    else f" (stopped at the {FILL_BUDGET_S:.0f} s fill budget)"
+                )
             )
             yield {"small": small, "large": large, "template": template, "large_n": got_large}
 
@@ -114,7 +120,16 @@ async def _measure(db: Database, template: list[Any]) -> tuple[float, float, int
                     provider="bench",
                     code=250,
                     text="2.0.0 Ok",
-                    events=[Event(m.id, "sent", worker="bench-scale", provider="bench", code=250, detail="2.0.0 Ok")],
+                    events=[
+                        Event(
+                            m.id,
+                            "sent",
+                            worker="bench-scale",
+                            provider="bench",
+                            code=250,
+                            detail="2.0.0 Ok",
+                        )
+                    ],
                 )
                 for m in claimed
             ]
