@@ -233,7 +233,8 @@ def run_scenario(
 
     The machine is shared: a run during which other processes used more than
     ``max_others_pct`` of the CPUs is repeated, up to ``retries`` times, and the
-    least disturbed attempt is kept (the number discarded is recorded).
+    least disturbed attempt is kept (the number discarded is recorded). A run
+    that fails is also tried again while retries are left (not one that timed out).
     """
     n = messages if messages is not None else (sc.quick_messages if quick else sc.messages)
     budget_s = timeout_s if timeout_s is not None else sc.timeout_s
@@ -270,9 +271,21 @@ def run_scenario(
                 best: tuple[float, float, float, dict[str, float]] | None = None
                 for attempt in range(1 + max(0, retries)):
                     busy = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else cpu_busy_pct(0.5)
-                    metrics, others, services = _one_run(
-                        sc, result, i, n, runs, quick, budget_s, state, verify
-                    )
+                    try:
+                        metrics, others, services = _one_run(
+                            sc, result, i, n, runs, quick, budget_s, state, verify
+                        )
+                    except Exception as e:
+                        # Shared services get restarted by other people's tests now and then:
+                        # a failed attempt is retried while retries are left (an earlier good
+                        # attempt is kept if the last one fails); a timeout is final.
+                        if isinstance(e, RunTimeout) or (attempt >= retries and best is None):
+                            raise
+                        result.discarded += 1
+                        _log(
+                            f"{sc.name} run {i + 1}/{runs} failed ({type(e).__name__}: {e}); run again"
+                        )
+                        continue
                     _log(
                         f"{sc.name} run {i + 1}/{runs} (machine {busy:.0f}% busy before; during: "
                         f"others {others:.0f}%, services {services:.0f}%): "
