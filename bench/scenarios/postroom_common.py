@@ -70,13 +70,26 @@ def record_info(ctx: Context, store: str) -> None:
 # -- databases -----------------------------------------------------------------------------
 
 
-def _psql(sql: str) -> None:
-    subprocess.run(
-        [*PG_ADMIN, "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
-        capture_output=True,
-        check=True,
-        timeout=120,
-    )
+def _psql(sql: str, retry_s: float = 60.0) -> None:
+    """One statement on the ``postgres`` database; retried while the server is unreachable.
+
+    Other engineers' tests restart the local cluster now and then (psql exits 2).
+    """
+    deadline = time.monotonic() + retry_s
+    while True:
+        out = subprocess.run(
+            [*PG_ADMIN, "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if out.returncode == 0:
+            return
+        if out.returncode != 2 or time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"psql {sql!r} failed ({out.returncode}): {out.stderr.strip()[-500:]}"
+            )
+        time.sleep(1.0)
 
 
 @dataclass
@@ -109,7 +122,7 @@ def fresh_database(kind: str, work_dir: Path, tag: str = "") -> Iterator[Databas
         migrate(db)
         yield db
     finally:
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
+        with contextlib.suppress(subprocess.SubprocessError, OSError, RuntimeError):
             _psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
