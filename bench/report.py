@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import statistics
@@ -36,18 +37,24 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def merge_and_write(path: Path, results: Sequence[ScenarioResult]) -> dict[str, Any]:
-    """Replace the entries of the scenarios run now, keep the others; write atomically."""
-    data = load(path)
-    data["schema"] = SCHEMA
-    data["environment"] = environment()
-    for r in results:
-        data["scenarios"][r.name] = r.to_json()
-    for name, entry in data["scenarios"].items():
-        entry["ratios"] = ratios(name, data["scenarios"])
+    """Replace the entries of the scenarios run now, keep the others; write atomically.
+
+    Several harnesses may finish at once on a shared machine: the read-merge-write
+    holds an exclusive lock on ``<path>.lock`` so no one's entries are lost.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load(path)
+        data["schema"] = SCHEMA
+        data["environment"] = environment()
+        for r in results:
+            data["scenarios"][r.name] = r.to_json()
+        for name, entry in data["scenarios"].items():
+            entry["ratios"] = ratios(name, data["scenarios"])
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
     return data
 
 
