@@ -309,9 +309,7 @@ def run_scenario(
                 result.other_during_pct.append(round(others, 1))
                 result.services_during_pct.append(round(services, 1))
                 _record(result, metrics)
-    except BaseException as e:
-        if isinstance(e, KeyboardInterrupt):
-            raise
+    except Exception as e:  # Ctrl-C and SIGTERM (SystemExit) pass through, after the cleanup below
         keep_setup = True
         result.status = "failed"
         result.error = f"{type(e).__name__}: {e}"
