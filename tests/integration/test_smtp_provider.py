@@ -746,6 +746,46 @@ async def test_no_pipelining_across_messages_without_pipelining(
     )
 
 
+async def test_a_waiting_send_that_cannot_go_on_the_session_is_not_pipelined(
+    smtpd: Any, make_provider: Any
+) -> None:
+    handler = Recorder(pipelining=True)
+    provider = make_provider(smtpd(handler, data_size_limit=len(MIME) + 100).port, pool_size=1)
+    big = outgoing("big@example.test", mime=MIME + b"x" * 200 + b"\r\n", id="big")
+
+    first, second, third = await asyncio.gather(
+        provider.send(numbered(1)), provider.send(big), provider.send(numbered(3)),
+        return_exceptions=True,
+    )  # fmt: skip
+
+    assert first.code == 250 and third.code == 250
+    assert type(second) is PermanentError and second.code == 552  # in its own turn, as before
+    assert provider.pipelined_transactions == 0  # the big one waited at the head: nobody rode
+    assert [m.rcpt_tos for m in handler.messages] == [["r1@example.test"], ["r3@example.test"]]
+
+
+async def test_452_too_many_recipients_then_the_next_send_rides_on_the_last_batch(
+    smtpd: Any, make_provider: Any
+) -> None:
+    handler = Recorder(pipelining=True, max_rcpts=2)
+    provider = make_provider(smtpd(handler).port, pool_size=1)
+    rcpts = [f"r{i}@example.test" for i in range(5)]
+
+    many, after = await asyncio.gather(
+        provider.send(outgoing(*rcpts, id="many")), provider.send(numbered(9))
+    )
+
+    assert many.provider_message_id == "Q1" and after.provider_message_id == "Q4"
+    assert [m.rcpt_tos for m in handler.messages] == [
+        rcpts[:2],
+        rcpts[2:4],
+        rcpts[4:],
+        ["r9@example.test"],
+    ]
+    assert provider.pipelined_transactions == 1  # only behind the last batch
+    assert handler.connections == 1
+
+
 async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
     """Poll: the provider has no event for "an envelope went out behind a message"."""
     async with asyncio.timeout(timeout_s):
