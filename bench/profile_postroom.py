@@ -133,11 +133,6 @@ def main() -> None:
                 load_url = base + (
                     "/v1/messages/batch" if "batch" in args.scenario else "/v1/messages"
                 )
-            for name, proc in targets.items():
-                out = args.out / f"{args.scenario}-{name}.txt"
-                spies.append(
-                    (spy(proc.pid, out, args.duration, subprocesses=args.processes > 1), out)
-                )
             if load_url:
                 msgs = ctx.message_list()
                 bodies: list[object] = (
@@ -146,8 +141,16 @@ def main() -> None:
                         for i in range(0, len(msgs), 1000)
                     ]
                     if "batch" in args.scenario
-                    else list(msgs)
+                    else [json.dumps(m).encode() for m in msgs]
                 )
+            else:
+                bodies = []
+            for name, proc in targets.items():
+                out = args.out / f"{args.scenario}-{name}.txt"
+                spies.append(
+                    (spy(proc.pid, out, args.duration, subprocesses=args.processes > 1), out)
+                )
+            if load_url:
                 t = threading.Thread(
                     target=post_all,
                     args=(load_url, bodies),
