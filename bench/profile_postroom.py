@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -177,6 +178,7 @@ def main() -> None:
                 s.kill()
                 s.wait(5)
         procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
     for s, out in spies:
         if out.exists():
             print(summarise(out))
