@@ -383,7 +383,7 @@ class SQLiteStore:
 
     # -- claim / record ---------------------------------------------------------------------
     async def claim(self, worker: str, limit: int, lease_s: float) -> list[ClaimedMessage]:
-        def tx(conn: sqlite3.Connection) -> list[ClaimedMessage]:
+        def tx(conn: sqlite3.Connection) -> list[Any]:
             now = time.time()
             sub = " UNION ALL ".join(
                 f"SELECT * FROM (SELECT id FROM messages WHERE priority = {p} AND next_at IS NOT NULL"
@@ -412,19 +412,20 @@ class SQLiteStore:
                     )
                 events.append((r[0], now, "claimed", worker, None, None, f"attempt {r[4] + 1}"))
             conn.executemany(_EVENT_SQL, events)
-            return [
-                ClaimedMessage(
-                    id=r[0],
-                    content=Content.from_json(orjson.loads(r[3])),
-                    attempts=r[4] + 1,
-                    lease_token=r[5] + 1,
-                    created_at=r[6],
-                    priority=Priority(r[7]),
-                )
-                for r in rows
-            ]
+            return rows
 
-        return await self._w(tx)
+        # decoded after the transaction: the writer is not held while Python builds objects
+        return [
+            ClaimedMessage(
+                id=r[0],
+                content=Content.from_json(orjson.loads(r[3])),
+                attempts=r[4] + 1,
+                lease_token=r[5] + 1,
+                created_at=r[6],
+                priority=Priority(r[7]),
+            )
+            for r in await self._w(tx)
+        ]
 
     async def record(self, outcomes: Sequence[Outcome], *, worker: str) -> list[bool]:
         if not outcomes:
