@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from postroom.domain.model import Status
 from postroom.domain.validate import validate_message
 from postroom.store.sqlite import SQLiteStore
 from tests.conftest import free_port

@@ -175,8 +175,8 @@ async def test_list_filters_and_pages_with_a_cursor(env: Any) -> None:
     assert (await c.get("/v1/messages", params={"limit": 0})).status_code == 422
 
 
-async def test_cancel_a_scheduled_message_and_refuse_cancelling_a_sent_one(env: Any, tmp_path: Path) -> None:
-    c, store, _ = env
+async def test_cancel_a_scheduled_message_and_refuse_cancelling_a_sent_one(env: Any) -> None:
+    c, _, _ = env
     r = await c.post("/v1/messages", json={**MSG, "send_at": "2099-01-01T00:00:00Z"})
     assert r.json()["status"] == "scheduled"
     mid = r.json()["id"]

@@ -201,3 +201,33 @@ async def test_a_message_that_cannot_be_built_fails_without_retrying(store: SQLi
     rec = await store.get(r.id)
     assert rec.attempts == 1 and "cannot build the message" in (rec.last_text or "")
     assert provider.sent == []
+
+
+async def test_a_message_held_back_past_its_lifetime_fails_instead_of_waiting_forever(store: SQLiteStore) -> None:
+    import time
+
+    from postroom.domain.errors import Deferred
+
+    class AlwaysLimited:
+        async def send(self, message: Any, trail: list[Any]) -> Any:
+            raise Deferred(time.time() + 0.1, "over the rate of provider 'relay'", provider="relay")
+
+        async def close(self) -> None:
+            return None
+
+    (r,) = await store.enqueue([validate_message(body())])
+    worker = Worker(
+        store=store,
+        router=AlwaysLimited(),
+        retry=RetryPolicy(first_delay_s=0.1, jitter=0, lifetime_s=0.5),
+        idle_poll_s=0.05,
+    )
+
+    async def failed() -> bool:
+        return (await statuses(store, [r.id])) == [Status.FAILED]
+
+    await run_until(store, worker, failed)
+    rec = await store.get(r.id)
+    types = [e.type for e in rec.events]
+    assert "deferred" in types and types[-1] == "failed"
+    assert "still held back after 0.5 s" in (rec.last_text or "")

@@ -96,7 +96,7 @@ def settings(*servers: tuple[str, int], **routing: Any) -> Settings:
 async def poll(done: Callable[[], Awaitable[bool]], timeout_s: float = 20) -> None:
     """Wait until `done()` (it reads the database: there is no event to wait on)."""
     async with asyncio.timeout(timeout_s):
-        while not await done():  # noqa: ASYNC110
+        while not await done():
             await asyncio.sleep(0.05)
 
 

@@ -789,7 +789,7 @@ async def test_452_too_many_recipients_then_the_next_send_rides_on_the_last_batc
 async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
     """Poll: the provider has no event for "an envelope went out behind a message"."""
     async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110
+        while not condition():
             await asyncio.sleep(0.005)
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 import contextlib
 import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -203,6 +203,12 @@ class Worker:
         try:
             receipt = await self.router.send(out, trail)
         except Deferred as e:
+            if e.until > m.created_at + self.retry.lifetime_s:
+                # a message held back past its lifetime fails like one whose retries ran out
+                self.counters.failed += 1
+                why = f"expired: still held back after {self.retry.lifetime_s:g} s ({e.reason})"
+                trail.append(Event(m.id, "failed", worker=self.name, provider=e.provider, detail=why))
+                return Outcome(m.id, m.lease_token, Status.FAILED, provider=e.provider, text=why, events=trail)
             # over a rate limit: back to the queue until `until`, and this claim is not an attempt
             self.counters.deferred += 1
             trail.append(Event(m.id, "deferred", worker=self.name, provider=e.provider, detail=e.reason))
