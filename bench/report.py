@@ -166,7 +166,7 @@ def markdown_table(
     table = "\n".join(rows)
     table += (
         "\n\nothers' CPU: median share of the machine's CPUs used during the runs by processes"
-        " the harness did not start (other engineers' work), not counting RabbitMQ and PostgreSQL."
+        " the harness did not start (other workloads), not counting RabbitMQ and PostgreSQL."
     )
     if stale:
         table += "\n\n† reference scenario not re-run in this invocation: its figure is from an earlier run in the same results file."

@@ -169,7 +169,7 @@ class OtherLoad:
     Machine-wide busy time from /proc/stat minus the CPU of the harness and its
     children is what others used. The shared services the scenario declares
     (RabbitMQ, PostgreSQL) are reported apart as "services": the scenario makes
-    them busy itself, and other engineers' tests may too (no way to tell those
+    them busy itself, and other workloads may too (no way to tell those
     apart). Services the scenario does not use count as others.
     """
 
@@ -199,7 +199,7 @@ class OtherLoad:
 def wait_for_quiet(max_wait_s: float, busy_below_pct: float = 25.0) -> float:
     """Wait (at most ``max_wait_s``) until other work leaves the CPUs mostly idle; return the last busy %.
 
-    Other engineers' tests share this machine; starting a run in a quiet moment
+    Other workloads may share this machine; starting a run in a quiet moment
     removes much of the noise. The busy % is recorded with each run either way.
     """
     deadline = time.monotonic() + max_wait_s

@@ -73,7 +73,7 @@ def record_info(ctx: Context, store: str) -> None:
 def _psql(sql: str, retry_s: float = 60.0) -> None:
     """One statement on the ``postgres`` database; retried while the server is unreachable.
 
-    Other engineers' tests restart the local cluster now and then (psql exits 2).
+    Other test runs (the PostgreSQL fault tests) restart the local cluster now and then (psql exits 2).
     """
     deadline = time.monotonic() + retry_s
     while True:
