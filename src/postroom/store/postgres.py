@@ -49,7 +49,8 @@ from postroom.domain.ports import (
     MessageRecord,
     WorkerInfo,
 )
-from postroom.store.sqlite import hash_secret, insert_rows, key_filter
+from postroom.store.query import MSG_COLS, MSG_FROM, list_sql, message_page, message_record
+from postroom.store.sqlite import hash_secret, insert_rows
 
 __all__ = ["PostgresStore", "asyncpg_dsn"]
 
@@ -79,11 +80,6 @@ _BUCKET = f"(floor({_NOW} / {BUCKET_S}) * {BUCKET_S})::int8"
 # which at worst sends a message again (at least once); accepting a message is always durable.
 # Set inside the statement, so each of these stays one round trip in its own implicit transaction.
 _NOT_DURABLE = "set_config('synchronous_commit', 'off', true) AS not_durable"
-_MSG_COLS = (
-    "m.id, m.status, m.priority, m.next_at, m.created_at, m.updated_at, m.attempts, m.source,"
-    " c.content, m.provider, m.provider_message_id, m.last_code, m.last_text, m.sent_at"
-)
-_MSG_FROM = "messages m JOIN message_content c ON c.id = m.id"
 
 _ENQUEUE_SQL = f"""
 WITH src AS (
@@ -283,25 +279,6 @@ def asyncpg_dsn(url: str) -> str:
     if scheme.split("+", 1)[0] not in ("postgres", "postgresql"):
         raise ValueError(f"not a PostgreSQL URL: {url!r}")
     return f"postgresql://{rest}"
-
-
-def _record(row: asyncpg.Record) -> MessageRecord:
-    return MessageRecord(
-        id=row[0],
-        status=Status(row[1]),
-        priority=row[2],
-        next_at=row[3],
-        created_at=row[4],
-        updated_at=row[5],
-        attempts=row[6],
-        source=row[7],
-        content=orjson.loads(row[8]),
-        provider=row[9],
-        provider_message_id=row[10],
-        last_code=row[11],
-        last_text=row[12],
-        sent_at=row[13],
-    )
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], n: int) -> list[list[Any]]:
@@ -625,11 +602,11 @@ class PostgresStore:
     async def get(self, message_id: str, *, with_events: bool = True) -> MessageRecord:
         async def q(conn: asyncpg.Connection) -> MessageRecord:
             row = await conn.fetchrow(
-                f"SELECT {_MSG_COLS} FROM {_MSG_FROM} WHERE m.id = $1", message_id
+                f"SELECT {MSG_COLS} FROM {MSG_FROM} WHERE m.id = $1", message_id
             )
             if row is None:
                 raise NotFound(f"message {message_id!r}")
-            rec = _record(row)
+            rec = message_record(row)
             if with_events:
                 rec.events = [
                     Event(
@@ -652,42 +629,15 @@ class PostgresStore:
         return await self._run(q, tx=with_events)  # one snapshot for the row and its events
 
     async def list_messages(self, flt: MessageFilter) -> MessagePage:
-        where: list[str] = []
         params: list[Any] = []
 
-        def p(v: Any) -> str:
+        def param(v: Any) -> str:
             params.append(v)
             return f"${len(params)}"
 
-        lookup = key_filter(flt)
-        order = "m.id"
-        if lookup is not None:
-            # walk the (key, message_id) index newest first: no scan, no sort
-            where.append(f"k.key = {p(lookup[1])}")
-            order = "k.message_id"
-        if flt.status is not None:
-            where.append(f"m.status = {p(flt.status.value)}")
-        if flt.tag and (lookup is None or lookup[0] != "tag"):
-            where.append(f"m.tags LIKE {p(f'%,{flt.tag},%')}")
-        if flt.to and (lookup is None or lookup[0] != "to"):
-            where.append(f"m.rcpt LIKE {p(f'%{flt.to.lower()}%')}")
-        if flt.since is not None:
-            where.append(f"m.created_at >= {p(flt.since)}")
-        if flt.until is not None:
-            where.append(f"m.created_at < {p(flt.until)}")
-        if flt.cursor:
-            where.append(f"{order} < {p(flt.cursor)}")
-        sql = f"SELECT {_MSG_COLS} FROM "
-        if lookup is not None:
-            sql += "message_keys k JOIN messages m ON m.id = k.message_id JOIN message_content c ON c.id = m.id"
-        else:
-            sql += _MSG_FROM
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY {order} DESC LIMIT {p(flt.limit + 1)}"
+        sql = list_sql(flt, param)
         rows = await self._run(lambda c: c.fetch(sql, *params), tx=False)
-        items = [_record(r) for r in rows[: flt.limit]]
-        return MessagePage(items, items[-1].id if len(rows) > flt.limit else None)
+        return message_page(rows, flt.limit)
 
     async def cancel(self, message_id: str) -> MessageRecord:
         async def tx(conn: asyncpg.Connection) -> None:

@@ -37,16 +37,18 @@ from postroom.domain.ports import (
     WorkerInfo,
 )
 from postroom.store import schema
+from postroom.store.query import (
+    MSG_COLS,
+    MSG_FROM,
+    list_sql,
+    message_page,
+    message_record,
+)
 
 __all__ = ["SQLiteStore", "hash_secret"]
 
 T = TypeVar("T")
 
-_MSG_COLS = (
-    "m.id, m.status, m.priority, m.next_at, m.created_at, m.updated_at, m.attempts, m.source,"
-    " c.content, m.provider, m.provider_message_id, m.last_code, m.last_text, m.sent_at"
-)
-_MSG_FROM = "messages m JOIN message_content c ON c.id = m.id"
 _EVENT_SQL = (
     "INSERT INTO events (message_id, at, type, worker, provider, code, detail) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -159,37 +161,9 @@ def key_rows(row: tuple[Any, ...]) -> list[tuple[str, str]]:
     return keys
 
 
-def key_filter(flt: MessageFilter) -> tuple[str, str] | None:
-    """The exact lookup key a filter can use (a full address, or a tag), if any."""
-    if flt.to and "@" in flt.to:
-        return "to", "to:" + flt.to.lower()
-    if flt.tag:
-        return "tag", "tag:" + flt.tag
-    return None
-
-
 def _split(row: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[str, str]]:
     """An insert_rows() tuple -> (the messages row, the message_content row)."""
     return row[:7] + row[8:], (row[0], row[7])
-
-
-def _record(row: sqlite3.Row | tuple[Any, ...]) -> MessageRecord:
-    return MessageRecord(
-        id=row[0],
-        status=Status(row[1]),
-        priority=row[2],
-        next_at=row[3],
-        created_at=row[4],
-        updated_at=row[5],
-        attempts=row[6],
-        source=row[7],
-        content=orjson.loads(row[8]),
-        provider=row[9],
-        provider_message_id=row[10],
-        last_code=row[11],
-        last_text=row[12],
-        sent_at=row[13],
-    )
 
 
 class SQLiteStore:
@@ -392,7 +366,7 @@ class SQLiteStore:
             )
             rows = conn.execute(
                 "SELECT m.id, m.status, m.lease_owner, c.content, m.attempts, m.lease_token,"
-                f" m.created_at, m.priority FROM {_MSG_FROM}"
+                f" m.created_at, m.priority FROM {MSG_FROM}"
                 f" WHERE m.id IN (SELECT id FROM ({sub}) LIMIT :n) ORDER BY m.priority, m.next_at",
                 {"now": now, "n": limit},
             ).fetchall()
@@ -518,11 +492,11 @@ class SQLiteStore:
     async def get(self, message_id: str, *, with_events: bool = True) -> MessageRecord:
         def q(conn: sqlite3.Connection) -> MessageRecord:
             row = conn.execute(
-                f"SELECT {_MSG_COLS} FROM {_MSG_FROM} WHERE m.id = ?", (message_id,)
+                f"SELECT {MSG_COLS} FROM {MSG_FROM} WHERE m.id = ?", (message_id,)
             ).fetchone()
             if row is None:
                 raise NotFound(f"message {message_id!r}")
-            rec = _record(row)
+            rec = message_record(row)
             if with_events:
                 rec.events = [
                     Event(
@@ -545,50 +519,14 @@ class SQLiteStore:
         return await self._r(q)
 
     async def list_messages(self, flt: MessageFilter) -> MessagePage:
-        where: list[str] = []
         params: list[Any] = []
-        lookup = key_filter(flt)
-        order = "m.id"
-        if lookup is not None:
-            # walk the (key, message_id) index newest first: no scan, no sort
-            where.append("k.key = ?")
-            params.append(lookup[1])
-            order = "k.message_id"
-        if flt.status is not None:
-            where.append("m.status = ?")
-            params.append(flt.status.value)
-        if flt.tag and (lookup is None or lookup[0] != "tag"):
-            where.append("m.tags LIKE ?")
-            params.append(f"%,{flt.tag},%")
-        if flt.to and (lookup is None or lookup[0] != "to"):
-            where.append("m.rcpt LIKE ?")
-            params.append(f"%{flt.to.lower()}%")
-        if flt.since is not None:
-            where.append("m.created_at >= ?")
-            params.append(flt.since)
-        if flt.until is not None:
-            where.append("m.created_at < ?")
-            params.append(flt.until)
-        if flt.cursor:
-            where.append(f"{order} < ?")
-            params.append(flt.cursor)
-        sql = f"SELECT {_MSG_COLS} FROM "
-        if lookup is not None:
-            sql += "message_keys k JOIN messages m ON m.id = k.message_id JOIN message_content c ON c.id = m.id"
-        else:
-            sql += _MSG_FROM
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY {order} DESC LIMIT ?"
-        params.append(flt.limit + 1)
 
-        def q(conn: sqlite3.Connection) -> MessagePage:
-            rows = conn.execute(sql, params).fetchall()
-            items = [_record(r) for r in rows[: flt.limit]]
-            nxt = items[-1].id if len(rows) > flt.limit else None
-            return MessagePage(items, nxt)
+        def param(v: Any) -> str:
+            params.append(v)
+            return "?"
 
-        return await self._r(q)
+        sql = list_sql(flt, param)
+        return await self._r(lambda c: message_page(c.execute(sql, params).fetchall(), flt.limit))
 
     async def cancel(self, message_id: str) -> MessageRecord:
         def tx(conn: sqlite3.Connection) -> None:
