@@ -9,7 +9,6 @@ from typing import Any
 from postroom.config import ProviderSettings, Settings
 from postroom.domain.errors import ConfigError
 from postroom.domain.ports import Provider, Router, RoutingView, Store
-from postroom.domain.validate import Limits
 from postroom.providers.breaker import Breaker
 from postroom.providers.limiter import Limit
 from postroom.providers.local import CaptureProvider, ConsoleProvider, FileProvider
@@ -26,7 +25,6 @@ __all__ = [
     "build_routing_view",
     "build_store",
     "build_worker",
-    "limits_from",
 ]
 
 log = logging.getLogger(__name__)
@@ -254,13 +252,4 @@ def build_worker(settings: Settings, store: Store, router: Router, *, name: str 
         drain_timeout_s=w.drain_timeout_s,
         heartbeat_s=w.heartbeat_s,
         stale_after_s=w.stale_after_s,
-    )
-
-
-def limits_from(settings: Settings) -> Limits:
-    lim = settings.limits
-    return Limits(
-        max_message_bytes=lim.max_message_bytes,
-        max_recipients=lim.max_recipients,
-        max_attachment_bytes=lim.max_attachment_bytes,
     )

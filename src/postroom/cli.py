@@ -386,10 +386,10 @@ def send(
         return
 
     async def direct() -> None:
-        from postroom.app import build_store, limits_from
+        from postroom.app import build_store
         from postroom.domain.validate import validate_message
 
-        msg = validate_message(body, limits=limits_from(settings), source="cli")
+        msg = validate_message(body, limits=settings.limits.message_limits(), source="cli")
         store = build_store(settings)
         await store.open()
         try:

@@ -19,6 +19,7 @@ from pydantic_settings import (
 
 from postroom.domain.errors import ConfigError
 from postroom.domain.retry import RetryPolicy
+from postroom.domain.validate import Limits
 
 __all__ = ["ProviderSettings", "Settings", "load_settings", "parse_provider_urls"]
 
@@ -157,6 +158,14 @@ class LimitSettings(BaseModel):
     max_recipients: int = Field(100, ge=1, description="to + cc + bcc per message")
     max_attachment_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_batch: int = Field(1000, ge=1, le=100_000)
+
+    def message_limits(self) -> Limits:
+        """The limits every door checks a message against."""
+        return Limits(
+            max_message_bytes=self.max_message_bytes,
+            max_recipients=self.max_recipients,
+            max_attachment_bytes=self.max_attachment_bytes,
+        )
 
 
 class Settings(BaseSettings):

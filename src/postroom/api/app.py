@@ -32,7 +32,7 @@ from postroom.domain.errors import (
 )
 from postroom.domain.model import NewMessage, Status
 from postroom.domain.ports import ApiKey, EnqueueResult, MessageFilter, RoutingView, Store
-from postroom.domain.validate import Limits, validate_message
+from postroom.domain.validate import validate_message
 
 __all__ = ["create_app"]
 
@@ -130,11 +130,7 @@ def create_app(
     the same process. The caller owns opening the store before serving (the lifespan opens it too:
     opening twice is harmless)."""
 
-    limits = Limits(
-        max_message_bytes=settings.limits.max_message_bytes,
-        max_recipients=settings.limits.max_recipients,
-        max_attachment_bytes=settings.limits.max_attachment_bytes,
-    )
+    limits = settings.limits.message_limits()
     max_request = settings.limits.max_request_bytes
     max_batch = settings.limits.max_batch
     keys = KeyCache(store)

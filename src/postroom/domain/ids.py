@@ -6,7 +6,7 @@ import os
 import threading
 import time
 
-__all__ = ["new_id", "new_message_id_header"]
+__all__ = ["new_id"]
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _lock = threading.Lock()
@@ -35,8 +35,3 @@ def new_id() -> str:
             _last_rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
         rand = _last_rand
     return _encode(ms, 10) + _encode(rand, 16)
-
-
-def new_message_id_header(message_id: str, domain: str) -> str:
-    """The RFC 5322 Message-ID for a message: stable across attempts, unique across hosts."""
-    return f"<{message_id}@{domain}>"

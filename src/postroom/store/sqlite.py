@@ -312,8 +312,9 @@ class SQLiteStore:
             results: list[EnqueueResult | ConflictError] = []
             plain = [r for r in rows if r[11] is None]
             if len(plain) == len(rows):
-                conn.executemany(_INSERT_SQL, [r[:7] + r[8:] for r in rows])
-                conn.executemany(_INSERT_CONTENT_SQL, [(r[0], r[7]) for r in rows])
+                heads, bodies = zip(*(_split(r) for r in rows), strict=True)
+                conn.executemany(_INSERT_SQL, heads)
+                conn.executemany(_INSERT_CONTENT_SQL, bodies)
                 conn.executemany(_INSERT_KEY_SQL, [k for r in rows for k in key_rows(r)])
                 results = [EnqueueResult(r[0], Status(r[1])) for r in rows]
                 events = [(r[0], now, r[1], None, None, None, None) for r in rows]

@@ -29,7 +29,7 @@ from postroom.config import Settings
 from postroom.domain.errors import ConflictError, NotFound, StoreUnavailable, ValidationError
 from postroom.domain.model import CANCELLABLE, TERMINAL, Priority, Status
 from postroom.domain.ports import CapturedMail, MessageFilter, MessageRecord, Store
-from postroom.domain.validate import Limits, validate_message
+from postroom.domain.validate import validate_message
 from postroom.web.auth import LOGIN_CSRF_COOKIE, Auth, Session
 from postroom.web.live import RANGES, Monitor
 
@@ -194,11 +194,7 @@ def mount(app: FastAPI, settings: Settings, store: Store) -> None:
     """Add the dashboard to `app`: pages at /, static files at /static, live feeds under /live."""
     auth = Auth(store, password=settings.dashboard_password, secret_key=settings.secret_key)
     monitor = Monitor(store, settings, app.state)
-    limits = Limits(
-        max_message_bytes=settings.limits.max_message_bytes,
-        max_recipients=settings.limits.max_recipients,
-        max_attachment_bytes=settings.limits.max_attachment_bytes,
-    )
+    limits = settings.limits.message_limits()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.globals.update(
